@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="signal_srv",
+    version="0.1.0",
+    description="WebRTC signaling server for many concurrent 1:1 calls, on Tornado",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["signal_srv", "signal_srv.*"]),
+    package_data={"signal_srv": ["static/*"]},
+    install_requires=["tornado>=6.4"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-tornasync>=0.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "signal-srv = signal_srv.server:main",
+        ],
+    },
+)

@@ -1,0 +1,302 @@
+"""``CallActor``: the one coroutine that owns a call's state, sockets and deadline.
+
+Everything that changes a call arrives as an envelope on the actor's own bounded queue.
+The loop takes an envelope, feeds its event to the pure ``Call`` and carries out the
+effects; the only ``await`` in the loop is the queue read, so no other coroutine can see
+or change a half-updated call and no lock is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Protocol
+
+from tornado.ioloop import IOLoop
+from tornado.queues import Queue, QueueFull
+
+from signal_srv import messages
+from signal_srv.call import (
+    Call,
+    Close,
+    Connect,
+    Effect,
+    Event,
+    Expire,
+    Join,
+    Send,
+    Shutdown,
+    Status,
+    StatusChanged,
+)
+from signal_srv.errors import CallBusy, CallEnded, SignalError
+
+__all__ = ["CallActor", "CallSummary", "Envelope", "Joined", "Socket", "iso_time"]
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR = 1011  # RFC 6455: the server hit an unexpected condition
+
+
+class Socket(Protocol):
+    """What the actor needs of a participant's WebSocket (see ``ws.SignalingSocket``)."""
+
+    def send(self, text: str) -> None: ...
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+@dataclass(slots=True)
+class Envelope:
+    event: Event
+    reply: asyncio.Future[Any] | None = None
+    socket: Socket | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallSummary:
+    """A read-only snapshot of a call, as the REST API shows it."""
+
+    call_id: str
+    status: str
+    count: int
+    max: int
+    created_at: float
+    expires_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "call_id": self.call_id,
+            "status": self.status,
+            "participants": {"count": self.count, "max": self.max},
+            "created_at": iso_time(self.created_at),
+            "expires_at": iso_time(self.expires_at) if self.expires_at is not None else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """The answer to a ``Join``: the joiner's role and the call right after it joined."""
+
+    role: str
+    polite: bool
+    summary: CallSummary
+
+
+def iso_time(wall: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T16:00:00.000Z``."""
+    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class CallActor:
+    """Owns one ``Call``; talk to it with ``tell``, ``put`` or ``ask``.
+
+    ``on_status(actor, old, new)`` is called synchronously when the call changes status,
+    so that the registry's index is never stale.
+    """
+
+    def __init__(
+        self,
+        call: Call,
+        *,
+        order: int,
+        mailbox_size: int,
+        on_status: Callable[[CallActor, Status, Status], None],
+    ) -> None:
+        self.call = call
+        self.call_id = call.call_id
+        self.order = order
+        self.created_at = time.time()
+        self._queue: Queue[Envelope] = Queue(maxsize=mailbox_size)
+        self._sockets: dict[int, Socket] = {}
+        self._on_status = on_status
+        self._alive = True
+        self._loop = IOLoop.current()
+        self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+        self.log = logging.LoggerAdapter(logger, {"call_id": self.call_id})
+
+    # Interface used by handlers --------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @property
+    def status(self) -> Status:
+        return self.call.status
+
+    @property
+    def inbox_depth(self) -> int:
+        return self._queue.qsize()
+
+    def summary(self) -> CallSummary:
+        """A consistent snapshot: it runs between two events, never in the middle of one."""
+        call = self.call
+        deadline = call.deadline()
+        expires = None if deadline is None else time.time() + (deadline - self._loop.time())
+        return CallSummary(
+            call.call_id, call.status.value, len(call.participants), call.max_participants,
+            self.created_at, expires,
+        )
+
+    def start(self, peer_id: str, peer_token: str) -> Joined:
+        """Seat the host; called once, before ``run`` starts."""
+        self.call.handle(Join(peer_id, peer_token), self._loop.time())
+        return self._result(Join(peer_id, peer_token))
+
+    def overdue(self, now: float) -> bool:
+        """True if the call's deadline has passed (the sweep's backstop check)."""
+        deadline = self.call.deadline()
+        return deadline is not None and now >= deadline
+
+    def tell(self, event: Event, socket: Socket | None = None) -> None:
+        """Queue an event without waiting. Raises ``CallEnded`` or, if the inbox is full, ``CallBusy``."""
+        self._check_alive()
+        try:
+            self._queue.put_nowait(Envelope(event, None, socket))
+        except QueueFull:
+            self.log.warning("inbox full (%d envelopes), refusing %s", self._queue.maxsize, type(event).__name__)
+            raise CallBusy() from None
+
+    async def put(self, event: Event, socket: Socket | None = None) -> None:
+        """Queue an event, waiting for room: the back-pressure path for socket traffic."""
+        self._check_alive()
+        await self._queue.put(Envelope(event, None, socket))
+
+    async def ask(self, event: Event, timeout: float, socket: Socket | None = None) -> Any:
+        """Queue an event and wait for the call's answer, at most ``timeout`` seconds.
+
+        Raises the ``SignalError`` the call refused the event with, ``CallEnded`` if the
+        actor stops first, or ``CallBusy`` if the inbox is full or the answer is late.
+        """
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._check_alive()
+        try:
+            self._queue.put_nowait(Envelope(event, reply, socket))
+        except QueueFull:
+            self.log.warning("inbox full (%d envelopes), refusing %s", self._queue.maxsize, type(event).__name__)
+            raise CallBusy() from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(reply), timeout)
+        except TimeoutError:
+            raise CallBusy("the call did not answer in time") from None
+
+    def _check_alive(self) -> None:
+        if not self._alive:
+            raise CallEnded()
+
+    # The loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process envelopes until the call ends; then fail what is left and close sockets."""
+        crashed = False
+        try:
+            while self.call.status is not Status.ENDED:
+                envelope = await self._next()
+                self._process(envelope)
+        except Exception:
+            crashed = True
+            self.log.exception("call %s crashed; ending it", self.call_id)
+        finally:
+            self._teardown(crashed)
+
+    async def _next(self) -> Envelope:
+        deadline = self.call.deadline()
+        if self._queue.qsize():
+            # A steady stream of refused envelopes must not keep an idle call alive.
+            if deadline is not None and self._loop.time() >= deadline:
+                return Envelope(Expire())
+            return self._queue.get_nowait()
+        if deadline is None:
+            return await self._queue.get()
+        try:
+            # A number is an absolute IOLoop.time() deadline for tornado.queues.
+            return await self._queue.get(timeout=deadline)
+        except TimeoutError:
+            return Envelope(Expire())
+
+    def _process(self, envelope: Envelope) -> None:
+        event = envelope.event
+        try:
+            effects = self.call.handle(event, self._loop.time())
+        except SignalError as exc:
+            self.log.debug("refused %s: %s", type(event).__name__, exc.code)
+            self._refuse(envelope, exc)
+            return
+        if envelope.socket is not None and isinstance(event, Connect):
+            self._sockets[event.conn] = envelope.socket
+        if envelope.reply is not None and not envelope.reply.done():
+            envelope.reply.set_result(self._result(event))
+        self._carry_out(effects)
+
+    def _result(self, event: Event) -> CallSummary | Joined:
+        summary = self.summary()
+        if isinstance(event, Join):
+            joiner = self.call.participant(event.peer_id)
+            return Joined(joiner.role, joiner.polite, summary)
+        return summary
+
+    def _refuse(self, envelope: Envelope, exc: SignalError) -> None:
+        if envelope.reply is not None:
+            if not envelope.reply.done():
+                envelope.reply.set_exception(exc)
+        elif envelope.socket is not None:
+            envelope.socket.send(messages.to_json(messages.error(exc.code, exc.message)))
+
+    def _carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if type(effect) is Send:
+                socket = self._sockets.get(effect.conn)
+                if socket is not None:
+                    socket.send(messages.to_json(effect.message))
+            elif type(effect) is Close:
+                socket = self._sockets.pop(effect.conn, None)
+                if socket is not None:
+                    socket.close(effect.code, effect.reason)
+            elif type(effect) is StatusChanged:
+                self._status_changed(effect)
+
+    def _status_changed(self, effect: StatusChanged) -> None:
+        if effect.new is Status.ENDED:
+            self._alive = False
+            self.log.info(
+                "call %s ended (%s) after %.1f s", self.call_id, effect.reason,
+                self._loop.time() - self.call.created,
+            )
+        else:
+            self.log.info("call %s is %s", self.call_id, effect.new.value)
+        self._on_status(self, effect.old, effect.new)
+
+    def _teardown(self, crashed: bool) -> None:
+        self._alive = False
+        if crashed:
+            ended = messages.to_json(messages.call_ended(self.call_id, "error"))
+            for socket in self._sockets.values():
+                socket.send(ended)
+                socket.close(INTERNAL_ERROR, "internal error")
+            self._sockets.clear()
+            if self.call.status is not Status.ENDED:
+                old = self.call.status
+                self.call.status = Status.ENDED
+                self._on_status(self, old, Status.ENDED)
+        while self._queue.qsize():
+            envelope = self._queue.get_nowait()
+            if envelope.reply is not None and not envelope.reply.done():
+                envelope.reply.set_exception(CallEnded())
+            if envelope.socket is not None and isinstance(envelope.event, Connect):
+                envelope.socket.close(4404, "call_not_found")
+        for socket in self._sockets.values():
+            socket.close(1000, "call ended")
+        self._sockets.clear()
+        self.finished.set_result(None)
+
+    async def shutdown(self) -> None:
+        """End the call because the server stops; sockets get ``server_shutdown`` and 1001.
+
+        Waits for room in the inbox, so envelopes already queued are handled first.
+        """
+        if self._alive:
+            await self._queue.put(Envelope(Shutdown()))

@@ -1,0 +1,206 @@
+"""Configuration: embedded defaults < conf file (``--conf``) < ``SIGNAL_SRV_*`` env < flags.
+
+Everything is read and checked once, at start-up, into a frozen ``Config``; a bad value
+raises ``ConfigError`` naming the option, the value and the rule. This is the only module
+that uses ``tornado.options`` (through a private ``OptionParser``, never the global one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from tornado.options import Error as OptionsError
+from tornado.options import OptionParser
+
+from signal_srv.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Config", "load_config", "option_parser"]
+
+ENV_PREFIX = "SIGNAL_SRV_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every option; seconds are floats."""
+
+    conf: str = ""
+    address: str = "127.0.0.1"
+    port: int = 8080
+    call_ttl: float = 3600.0
+    cleanup_interval: float = 10800.0
+    max_participants: int = 2
+    max_calls: int = 100000
+    list_calls: str = "public"
+    log_level: str = "info"
+    allowed_origins: tuple[str, ...] = ()
+    heartbeat_interval: float = 20.0
+    heartbeat_timeout: float = 20.0
+    ws_buffer_limit: int = 64
+    ws_write_buffer_limit: int = 1048576
+    max_message_size: int = 65536
+    max_body_size: int = 4096
+    mailbox_size: int = 256
+    ask_timeout: float = 5.0
+    ice_servers: str = "[]"
+    xheaders: bool = False
+
+    @property
+    def ice_server_list(self) -> list[dict[str, Any]]:
+        return json.loads(self.ice_servers)  # type: ignore[no-any-return]
+
+
+_HELP = {
+    "conf": "path of a conf file (Python syntax, see conf/dev.conf); none: embedded defaults",
+    "address": "address to listen on",
+    "port": "TCP port to listen on (0: any free port)",
+    "call_ttl": "seconds a call without connected sockets or traffic lives before it expires",
+    "cleanup_interval": "seconds between background sweeps that reap expired calls",
+    "max_participants": "participants a call holds (2 for 1:1 calls)",
+    "max_calls": "live calls before POST /apiv2/calls answers 503 capacity",
+    "list_calls": "'public': GET /apiv2/calls lists calls; 'off': it answers 404",
+    "log_level": "one of " + ", ".join(LOG_LEVELS),
+    "allowed_origins": "comma-separated extra origins allowed to open sockets ('*': any); same host is always allowed",
+    "heartbeat_interval": "seconds between WebSocket pings",
+    "heartbeat_timeout": "seconds to wait for a pong before closing the socket (at most heartbeat_interval)",
+    "ws_buffer_limit": "relayed messages held for a joined participant that is not connected",
+    "ws_write_buffer_limit": "bytes queued to a slow socket before it is closed with 1013",
+    "max_message_size": "largest WebSocket frame accepted, in bytes (larger: close 1009)",
+    "max_body_size": "largest REST request body, in bytes (larger: 413)",
+    "mailbox_size": "envelopes queued for one call before REST requests get 503 call_busy",
+    "ask_timeout": "seconds a request waits for its call to answer before 503 call_busy",
+    "ice_servers": 'JSON list of RTCIceServer dicts for clients, e.g. [{"urls": "stun:stun.example.org"}]',
+    "xheaders": "trust X-Forwarded-For / X-Real-IP / X-Scheme (only behind a reverse proxy)",
+}
+
+_TYPES = {bool: bool, int: int, float: float, str: str, tuple: str}
+
+
+def option_parser() -> OptionParser:
+    """A private parser with every option defined (type, default, help)."""
+    parser = OptionParser()
+    for f in dataclasses.fields(Config):
+        default = f.default
+        multiple = isinstance(default, tuple)
+        parser.define(
+            f.name, default=list(default) if multiple else default,
+            type=_TYPES[type(default)], help=_HELP[f.name], multiple=multiple,
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Build the ``Config`` from a command line (``argv[0]`` is the program) and an environment.
+
+    Prints the help and exits 0 on ``--help``. Raises ``ConfigError`` for anything invalid.
+    """
+    parser = option_parser()
+    args = list(argv[1:])
+    env = _env_args(parser, environ)
+    conf = _last_value("conf", env + args)
+    if conf:
+        _apply_file(parser, conf)
+    for source, arg in [("environment", a) for a in env] + [("command line", a) for a in args]:
+        _apply_arg(parser, arg, source)
+    if parser.help:
+        parser.print_help(sys.stdout)
+        raise SystemExit(0)
+    values = {name: value for name, value in parser.as_dict().items() if name != "help"}
+    values["allowed_origins"] = tuple(values["allowed_origins"])
+    return _checked(Config(**values))
+
+
+def _env_args(parser: OptionParser, environ: Mapping[str, str]) -> list[str]:
+    args = []
+    for key, value in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in parser or name == "help":
+            raise ConfigError(f"{key}: unknown option {name!r}")
+        args.append(f"--{name}={value}")
+    return args
+
+
+def _last_value(name: str, args: list[str]) -> str:
+    value = ""
+    for arg in args:
+        key, _, rest = arg.lstrip("-").partition("=")
+        if key.replace("-", "_") == name:
+            value = rest
+    return value
+
+
+def _apply_arg(parser: OptionParser, arg: str, source: str) -> None:
+    if not arg.startswith("-"):
+        raise ConfigError(f"unexpected argument {arg!r} on the {source}: options look like --name=value")
+    name = arg.lstrip("-").partition("=")[0].replace("-", "_")
+    if name not in parser:
+        raise ConfigError(f"unknown option --{name} on the {source} (see --help)")
+    try:
+        parser.parse_command_line(["signal-srv", arg], final=False)
+    except (OptionsError, ValueError) as exc:
+        raise ConfigError(f"--{name} on the {source}: {exc}") from None
+
+
+def _apply_file(parser: OptionParser, path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+        namespace: dict[str, Any] = {"__file__": os.path.abspath(path)}
+        exec(compile(source, path, "exec"), namespace)
+    except OSError as exc:
+        raise ConfigError(f"conf: cannot read {path!r}: {exc.strerror}") from None
+    except Exception as exc:
+        raise ConfigError(f"conf: {path!r} is not a valid conf file: {exc}") from None
+    for name, value in namespace.items():
+        if name.startswith("_") or isinstance(value, types.ModuleType):
+            continue
+        if name.replace("-", "_") not in parser or name == "help":
+            raise ConfigError(f"conf: {path!r} sets unknown option {name!r}")
+    try:
+        parser.parse_config_file(path, final=False)
+    except (OptionsError, ValueError, TypeError) as exc:
+        raise ConfigError(f"conf: {path!r}: {exc}") from None
+
+
+def _require(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {rule}")
+
+
+def _checked(c: Config) -> Config:
+    for name in ("call_ttl", "cleanup_interval", "heartbeat_interval", "heartbeat_timeout", "ask_timeout"):
+        value = getattr(c, name)
+        _require(math.isfinite(value) and value > 0, name, value, "must be a number of seconds > 0")
+    _require(0 <= c.port <= 65535, "port", c.port, "must be between 0 and 65535")
+    _require(2 <= c.max_participants <= 16, "max_participants", c.max_participants, "must be between 2 and 16")
+    for name in ("max_calls", "ws_buffer_limit", "mailbox_size"):
+        _require(getattr(c, name) >= 1, name, getattr(c, name), "must be at least 1")
+    _require(c.list_calls in ("public", "off"), "list_calls", c.list_calls, "must be 'public' or 'off'")
+    _require(c.log_level in LOG_LEVELS, "log_level", c.log_level, "must be one of " + ", ".join(LOG_LEVELS))
+    _require(c.heartbeat_timeout <= c.heartbeat_interval, "heartbeat_timeout", c.heartbeat_timeout,
+             f"must not exceed heartbeat_interval ({c.heartbeat_interval}): a pong is awaited before the next ping")
+    _require(c.max_message_size >= 1024, "max_message_size", c.max_message_size, "must be at least 1024 bytes")
+    _require(c.max_body_size >= 256, "max_body_size", c.max_body_size, "must be at least 256 bytes")
+    _require(c.ws_write_buffer_limit >= 2 * c.max_message_size, "ws_write_buffer_limit", c.ws_write_buffer_limit,
+             f"must be at least twice max_message_size ({c.max_message_size})")
+    _check_ice_servers(c.ice_servers)
+    return c
+
+
+def _check_ice_servers(text: str) -> None:
+    rule = 'must be a JSON list of objects with "urls", e.g. [{"urls": "stun:stun.example.org:3478"}]'
+    try:
+        servers = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"ice_servers={text!r}: {rule}") from None
+    ok = isinstance(servers, list) and all(isinstance(s, dict) and "urls" in s for s in servers)
+    _require(ok, "ice_servers", text, rule)

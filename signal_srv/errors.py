@@ -1,0 +1,121 @@
+"""Typed failures, each carrying the HTTP status and the stable error code clients see.
+
+    SignalError
+    ├── BadRequest (400 bad_request)
+    │   └── BadMessage (400 bad_message)
+    │       └── UnknownType (400 unknown_type)
+    ├── Unauthorized (401 unauthorized)
+    ├── NotFound (404 not_found)
+    │   └── CallNotFound (404 call_not_found)
+    │       └── CallEnded (404 call_not_found: the actor has stopped)
+    ├── MethodNotAllowed (405 method_not_allowed)
+    ├── CallFull (409 call_full)
+    ├── NoPeer (409 no_peer)
+    ├── BufferFull (409 buffer_full)
+    ├── PayloadTooLarge (413 payload_too_large)
+    ├── UnsupportedMediaType (415 unsupported_media_type)
+    ├── Capacity (503 capacity)
+    └── CallBusy (503 call_busy)
+
+``ConfigError`` is separate: it only happens at start-up.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadMessage",
+    "BadRequest",
+    "BufferFull",
+    "CallBusy",
+    "CallEnded",
+    "CallFull",
+    "CallNotFound",
+    "Capacity",
+    "ConfigError",
+    "MethodNotAllowed",
+    "NoPeer",
+    "NotFound",
+    "PayloadTooLarge",
+    "SignalError",
+    "Unauthorized",
+    "UnsupportedMediaType",
+]
+
+
+class SignalError(Exception):
+    """A failure caused by the client or the call's state, reported to the client."""
+
+    status = 500
+    code = "internal_error"
+    default_message = "internal error"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class BadRequest(SignalError):
+    status, code, default_message = 400, "bad_request", "bad request"
+
+
+class BadMessage(BadRequest):
+    code, default_message = "bad_message", "bad message"
+
+
+class UnknownType(BadMessage):
+    code, default_message = "unknown_type", "unknown message type"
+
+
+class Unauthorized(SignalError):
+    status, code, default_message = 401, "unauthorized", "missing or wrong peer token"
+
+
+class NotFound(SignalError):
+    status, code, default_message = 404, "not_found", "no such resource"
+
+
+class CallNotFound(NotFound):
+    code, default_message = "call_not_found", "no such call"
+
+
+class CallEnded(CallNotFound):
+    """The call's actor has stopped; to a client the call simply no longer exists."""
+
+
+class MethodNotAllowed(SignalError):
+    status, code, default_message = 405, "method_not_allowed", "method not allowed"
+
+
+class CallFull(SignalError):
+    status, code, default_message = 409, "call_full", "the call already has its participants"
+
+
+class NoPeer(SignalError):
+    status, code, default_message = 409, "no_peer", "the call has no other participant yet"
+
+
+class BufferFull(SignalError):
+    status, code, default_message = 409, "buffer_full", "too many messages held for the other participant"
+
+
+class PayloadTooLarge(SignalError):
+    status, code, default_message = 413, "payload_too_large", "request body too large"
+
+
+class UnsupportedMediaType(SignalError):
+    status, code, default_message = 415, "unsupported_media_type", "the body must be application/json"
+
+
+class Capacity(SignalError):
+    status, code, default_message = 503, "capacity", "the server holds as many calls as it may"
+
+
+class CallBusy(SignalError):
+    status, code, default_message = 503, "call_busy", "the call is busy, try again"
+
+
+class ConfigError(Exception):
+    """A configuration value is invalid; raised while loading, before the server listens."""

@@ -1,0 +1,229 @@
+"""``Registry``: maps ``call_id`` to its actor, indexes live calls by status, reaps ended ones.
+
+The registry owns the actor tasks. An actor is dropped from every index the moment its
+call ends (through the status callback) and, as a backstop, when its task finishes; a
+periodic ``sweep`` expires any call whose deadline passed without its actor noticing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import secrets
+from bisect import bisect_left, insort
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Awaitable, Iterator
+
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from signal_srv.actor import CallActor, CallSummary, Joined
+from signal_srv.call import Call, Expire, Status
+from signal_srv.errors import CallBusy, CallEnded, CallNotFound, Capacity
+
+__all__ = ["Registry", "Statistics", "new_id"]
+
+logger = logging.getLogger(__name__)
+
+SWEEP_BATCH = 1000  # calls examined between two yields to the event loop
+
+
+def new_id() -> str:
+    """128 random bits, URL-safe."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    calls: int
+    waiting: int
+    active: int
+    tasks: int
+    created: int
+    ended: dict[str, int]
+    sweeps: int
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    actor: CallActor
+    peer_id: str
+    peer_token: str
+    joined: Joined
+
+
+class Registry:
+    """All live calls of this process. Not thread-safe: use it from the IOLoop only."""
+
+    def __init__(
+        self,
+        *,
+        call_ttl: float,
+        max_calls: int,
+        max_participants: int = 2,
+        hold_limit: int = 64,
+        mailbox_size: int = 256,
+    ) -> None:
+        self.call_ttl = call_ttl
+        self.max_calls = max_calls
+        self.max_participants = max_participants
+        self.hold_limit = hold_limit
+        self.mailbox_size = mailbox_size
+        self._actors: dict[str, CallActor] = {}
+        self._by_order: dict[int, CallActor] = {}
+        self._order: dict[Status, list[int]] = {Status.WAITING: [], Status.ACTIVE: []}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._counter = itertools.count()
+        self._created = 0
+        self._ended: Counter[str] = Counter()
+        self._sweeps = 0
+        self._sweeper: PeriodicCallback | None = None
+
+    def __len__(self) -> int:
+        return len(self._actors)
+
+    # Creating and finding calls --------------------------------------------------------
+
+    def create(self) -> Created:
+        """Create a call with its host as first participant. Raises ``Capacity`` at ``max_calls``."""
+        if len(self._actors) >= self.max_calls:
+            raise Capacity(f"{self.max_calls} calls are live; try again later")
+        call_id = new_id()
+        while call_id in self._actors:
+            call_id = new_id()
+        now = IOLoop.current().time()
+        call = Call(
+            call_id, now, ttl=self.call_ttl,
+            max_participants=self.max_participants, hold_limit=self.hold_limit,
+        )
+        order = next(self._counter)
+        actor = CallActor(call, order=order, mailbox_size=self.mailbox_size, on_status=self._status_changed)
+        peer_id, peer_token = new_id(), new_id()
+        joined = actor.start(peer_id, peer_token)
+        self._actors[call_id] = actor
+        self._by_order[order] = actor
+        self._order[Status.WAITING].append(order)
+        task = asyncio.ensure_future(actor.run())
+        self._tasks.add(task)
+        task.add_done_callback(lambda t, a=actor: self._finished(t, a))
+        self._created += 1
+        actor.log.info("call %s created", call_id)
+        return Created(actor, peer_id, peer_token, joined)
+
+    def get(self, call_id: str) -> CallActor:
+        """The live call's actor. Raises ``CallNotFound`` for unknown, ended or expired calls."""
+        actor = self._actors.get(call_id)
+        if actor is None or not actor.alive:
+            raise CallNotFound()
+        return actor
+
+    async def wait_ended(self, call_id: str, timeout: float) -> None:
+        """Wait until the call has ended and its actor has stopped (at once if it is gone)."""
+        actor = self._actors.get(call_id)
+        if actor is not None:
+            await asyncio.wait_for(asyncio.shield(actor.finished), timeout)
+
+    def list(self, status: Status | None = None, limit: int = 50) -> list[CallSummary]:
+        """Summaries of live calls, newest first, optionally of one status."""
+        return [actor.summary() for actor in itertools.islice(self._newest(status), limit)]
+
+    def newest_waiting(self) -> CallSummary | None:
+        return next((a.summary() for a in self._newest(Status.WAITING)), None)
+
+    def _newest(self, status: Status | None) -> Iterator[CallActor]:
+        statuses = [status] if status is not None else [Status.WAITING, Status.ACTIVE]
+        orders = heapq.merge(*(reversed(self._order[s]) for s in statuses), reverse=True)
+        return (self._by_order[o] for o in orders)
+
+    # Keeping the indexes true ----------------------------------------------------------
+
+    def _status_changed(self, actor: CallActor, old: Status, new: Status) -> None:
+        self._unindex(actor, old)
+        if new is Status.ENDED:
+            self._forget(actor)
+            self._ended[actor.call.end_reason or "error"] += 1
+        else:
+            insort(self._order[new], actor.order)
+
+    def _unindex(self, actor: CallActor, status: Status) -> None:
+        orders = self._order.get(status)
+        if orders is None:
+            return
+        i = bisect_left(orders, actor.order)
+        if i < len(orders) and orders[i] == actor.order:
+            del orders[i]
+
+    def _forget(self, actor: CallActor) -> None:
+        if self._actors.get(actor.call_id) is actor:
+            del self._actors[actor.call_id]
+            del self._by_order[actor.order]
+            for status in self._order:
+                self._unindex(actor, status)
+
+    def _finished(self, task: asyncio.Task[None], actor: CallActor) -> None:
+        self._tasks.discard(task)
+        if self._actors.get(actor.call_id) is actor:
+            actor.log.error("call %s stopped without ending; dropping it", actor.call_id)
+            self._forget(actor)
+            self._ended["error"] += 1
+
+    def defer(self, work: Awaitable[None]) -> None:
+        """Run ``work`` in the background, owned by the registry (awaited on ``close``)."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Reaping ---------------------------------------------------------------------------
+
+    def start_sweeping(self, interval: float) -> None:
+        self._sweeper = PeriodicCallback(self.sweep, timedelta(seconds=interval))
+        self._sweeper.start()
+
+    async def sweep(self) -> int:
+        """Tell every call whose deadline has passed to expire; return how many were told.
+
+        Yields to the event loop every ``SWEEP_BATCH`` calls, so a large registry never
+        blocks the loop for long.
+        """
+        loop = IOLoop.current()
+        told = 0
+        actors = list(self._actors.values())
+        for start in range(0, len(actors), SWEEP_BATCH):
+            now = loop.time()
+            for actor in actors[start:start + SWEEP_BATCH]:
+                if actor.overdue(now):
+                    try:
+                        actor.tell(Expire())
+                        told += 1
+                    except (CallBusy, CallEnded):
+                        pass
+            await asyncio.sleep(0)
+        self._sweeps += 1
+        if told:
+            logger.info("sweep expired %d calls", told)
+        return told
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """End every call (sockets get ``server_shutdown`` and 1001) and wait for the actors."""
+        if self._sweeper is not None:
+            self._sweeper.stop()
+        actors = list(self._actors.values())
+        await asyncio.gather(*(a.shutdown() for a in actors), return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+    def statistics(self) -> Statistics:
+        return Statistics(
+            calls=len(self._actors),
+            waiting=len(self._order[Status.WAITING]),
+            active=len(self._order[Status.ACTIVE]),
+            tasks=len(self._tasks),
+            created=self._created,
+            ended=dict(self._ended),
+            sweeps=self._sweeps,
+        )

@@ -1,0 +1,254 @@
+"""The REST edge: JSON handlers that turn requests into actor messages and errors into answers.
+
+``ApiHandler.write_error`` is the one place where a failure becomes an HTTP response.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tornado.web import HTTPError, RequestHandler, stream_request_body
+
+from signal_srv import messages
+from signal_srv.actor import CallSummary, Joined
+from signal_srv.call import End, Join, Leave, Status
+from signal_srv.config import Config
+from signal_srv.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    SignalError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from signal_srv.registry import Registry, new_id
+
+__all__ = [
+    "ApiHandler",
+    "CallHandler",
+    "CallsHandler",
+    "ConfigHandler",
+    "CurrentCallHandler",
+    "EndHandler",
+    "HealthHandler",
+    "JoinHandler",
+    "LeaveHandler",
+    "NotFoundHandler",
+    "ReadyHandler",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+RETRY_AFTER = {503: "1"}
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+@stream_request_body
+class ApiHandler(RequestHandler):
+    """JSON in, JSON out, and the single mapping of errors to ``{"error": {code, message}}``."""
+
+    registry: Registry
+    config: Config
+
+    def initialize(self, registry: Registry, config: Config) -> None:
+        self.registry = registry
+        self.config = config
+        self._body = bytearray()
+        self._too_large = False
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def prepare(self) -> None:
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.config.max_body_size:
+            raise PayloadTooLarge(f"request body over {self.config.max_body_size} bytes")
+
+    def data_received(self, chunk: bytes) -> None:
+        # Raising here would drop the connection without an answer; flag it instead.
+        if len(self._body) + len(chunk) > self.config.max_body_size:
+            self._too_large = True
+        elif not self._too_large:
+            self._body += chunk
+
+    def json_body(self) -> dict[str, Any]:
+        """The request body as a JSON object; an empty body is ``{}``."""
+        if self._too_large:
+            raise PayloadTooLarge(f"request body over {self.config.max_body_size} bytes")
+        if not self._body.strip():
+            return {}
+        content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise UnsupportedMediaType(f"the body must be application/json, not {content_type or 'untyped'!r}")
+        try:
+            value = messages.loads(bytes(self._body))
+        except SignalError as exc:
+            raise BadRequest(exc.message) from None
+        if not isinstance(value, dict):
+            raise BadRequest("the body must be a JSON object")
+        return value
+
+    def reply(self, status: int, body: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.finish(messages.to_json(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, SignalError):
+            status, code, message = exc.status, exc.code, exc.message
+        elif isinstance(exc, HTTPError) and exc.status_code in _HTTP_CODES:
+            status, code, message = exc.status_code, _HTTP_CODES[exc.status_code], self._reason
+        else:
+            status, code, message = 500, "internal_error", "internal error; see the server log"
+        self.clear()
+        self.set_default_headers()
+        if status in RETRY_AFTER:
+            self.set_header("Retry-After", RETRY_AFTER[status])
+        if status == 405:
+            self.set_header("Allow", ", ".join(_allowed_methods(type(self))))
+        self.set_status(status)
+        self.finish(messages.to_json({"error": {"code": code, "message": message}}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, (SignalError, HTTPError)):
+            logger.debug("%s %s: %s", self.request.method, self.request.path, value)
+        else:
+            super().log_exception(typ, value, tb)
+
+    def bearer_token(self) -> str:
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("send Authorization: Bearer <peer_token>")
+        return token.strip()
+
+
+def _allowed_methods(cls: type[RequestHandler]) -> list[str]:
+    return [m for m in cls.SUPPORTED_METHODS if getattr(cls, m.lower()) is not getattr(RequestHandler, m.lower())]
+
+
+def _credentials(summary: CallSummary, role: str, polite: bool, peer_id: str, token: str) -> dict[str, Any]:
+    body = summary.to_dict()
+    body.update(role=role, polite=polite, peer_id=peer_id, peer_token=token)
+    return body
+
+
+class CallsHandler(ApiHandler):
+    """``POST /apiv2/calls`` creates a call; ``GET /apiv2/calls`` lists live calls."""
+
+    def post(self) -> None:
+        self.json_body()
+        if self._flag("reuse_last"):
+            newest = self.registry.newest_waiting()
+            if newest is not None:
+                self.reply(200, {**newest.to_dict(), "reused": True})
+                return
+        created = self.registry.create()
+        joined = created.joined
+        self.set_header("Location", f"/apiv2/calls/{created.actor.call_id}")
+        self.reply(201, _credentials(joined.summary, joined.role, joined.polite, created.peer_id, created.peer_token))
+
+    def get(self) -> None:
+        if self.config.list_calls == "off":
+            raise NotFound("listing calls is turned off on this server")
+        status = self.get_query_argument("status", None)
+        if status not in (None, Status.WAITING.value, Status.ACTIVE.value):
+            raise BadRequest("status must be 'waiting' or 'active'")
+        limit_text = self.get_query_argument("limit", str(DEFAULT_LIMIT))
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+            raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+        calls = self.registry.list(Status(status) if status else None, int(limit_text))
+        self.reply(200, {"calls": [c.to_dict() for c in calls]})
+
+    def _flag(self, name: str) -> bool:
+        value = self.get_query_argument(name, "false").lower()
+        if value not in ("true", "false", "1", "0"):
+            raise BadRequest(f"{name} must be true or false")
+        return value in ("true", "1")
+
+
+class CurrentCallHandler(ApiHandler):
+    """``/apiv2/calls/current`` is gone: there is no current call in v2."""
+
+    def prepare(self) -> None:
+        raise NotFound("/apiv2/calls/current was removed; use the call_id from the invite link")
+
+
+class CallHandler(ApiHandler):
+    """``GET /apiv2/calls/<call_id>``."""
+
+    def get(self, call_id: str) -> None:
+        self.reply(200, self.registry.get(call_id).summary().to_dict())
+
+
+class JoinHandler(ApiHandler):
+    """``POST /apiv2/calls/<call_id>/join`` seats a guest."""
+
+    async def post(self, call_id: str) -> None:
+        self.json_body()
+        actor = self.registry.get(call_id)
+        peer_id, token = new_id(), new_id()
+        joined: Joined = await actor.ask(Join(peer_id, token), self.config.ask_timeout)
+        self.reply(200, _credentials(joined.summary, joined.role, joined.polite, peer_id, token))
+
+
+class LeaveHandler(ApiHandler):
+    """``POST /apiv2/calls/<call_id>/leave`` frees the caller's slot."""
+
+    async def post(self, call_id: str) -> None:
+        self.json_body()
+        token = self.bearer_token()
+        summary: CallSummary = await self.registry.get(call_id).ask(Leave(token), self.config.ask_timeout)
+        self.reply(200, summary.to_dict())
+
+
+class EndHandler(ApiHandler):
+    """``POST /apiv2/calls/<call_id>/end`` ends the call for everyone."""
+
+    async def post(self, call_id: str) -> None:
+        self.json_body()
+        token = self.bearer_token()
+        summary: CallSummary = await self.registry.get(call_id).ask(End(token), self.config.ask_timeout)
+        self.reply(200, summary.to_dict())
+
+
+class ConfigHandler(ApiHandler):
+    """``GET /apiv2/config``: what a client needs to build its ``RTCPeerConnection``."""
+
+    def get(self) -> None:
+        self.reply(200, {"ice_servers": self.config.ice_server_list})
+
+
+class HealthHandler(ApiHandler):
+    """``GET /healthz``: the process is alive and its loop answers."""
+
+    def get(self) -> None:
+        stats = self.registry.statistics()
+        self.reply(200, {"status": "ok", "calls": {"waiting": stats.waiting, "active": stats.active}})
+
+
+class ReadyHandler(ApiHandler):
+    """``GET /readyz``: 200 while new calls are accepted, 503 at capacity."""
+
+    def get(self) -> None:
+        if len(self.registry) >= self.registry.max_calls:
+            self.set_header("Retry-After", "1")
+            self.reply(503, {"status": "at_capacity"})
+        else:
+            self.reply(200, {"status": "ready"})
+
+
+class NotFoundHandler(ApiHandler):
+    """Every unknown route."""
+
+    def prepare(self) -> None:
+        raise NotFound(f"no route for {self.request.path[:100]}")

@@ -1,0 +1,123 @@
+"""The WebSocket edge: ``SignalingSocket`` attaches a participant's socket to its call's actor.
+
+Authentication and unknown calls are reported after the upgrade with close codes (a
+browser cannot read a refused handshake's status): 4400 bad query, 4401 wrong peer or
+token, 4404 no such call, 4409 replaced by a newer socket of the same participant.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tornado.iostream import StreamBufferFullError
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from signal_srv import messages
+from signal_srv.actor import CallActor
+from signal_srv.call import Connect, Disconnect, Receive
+from signal_srv.config import Config
+from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unauthorized
+from signal_srv.registry import Registry
+
+__all__ = ["SignalingSocket"]
+
+logger = logging.getLogger(__name__)
+
+# RFC 6455 section 7.4.1 codes, and the application codes documented in the README.
+UNSUPPORTED_DATA = 1003
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+BAD_QUERY = 4400
+UNAUTHORIZED = 4401
+CALL_NOT_FOUND = 4404
+
+
+class SignalingSocket(WebSocketHandler):
+    """``GET /apiv2/ws?call_id=&peer_id=&token=``: one participant's signaling socket."""
+
+    def initialize(self, registry: Registry, config: Config) -> None:
+        self.registry = registry
+        self.config = config
+        self.conn = id(self)
+        self._actor: CallActor | None = None
+
+    def check_origin(self, origin: str) -> bool:
+        allowed = self.config.allowed_origins
+        if "*" in allowed or origin in allowed or super().check_origin(origin):
+            return True
+        logger.warning("refused a socket from origin %s", origin[:200])
+        return False
+
+    async def open(self, *args: Any, **kwargs: Any) -> None:
+        assert self.ws_connection is not None
+        self.ws_connection.stream.max_write_buffer_size = self.config.ws_write_buffer_limit  # type: ignore[attr-defined]
+        call_id = self.get_query_argument("call_id", "")
+        peer_id = self.get_query_argument("peer_id", "")
+        token = self.get_query_argument("token", "")
+        if not (call_id and peer_id and token):
+            self.close(BAD_QUERY, "call_id, peer_id and token are required")
+            return
+        try:
+            # Set before the await, so a close that races the join still reaches the actor.
+            self._actor = self.registry.get(call_id)
+            await self._actor.ask(Connect(peer_id, token, self.conn), self.config.ask_timeout, socket=self)
+        except CallNotFound:
+            self._refuse(CALL_NOT_FOUND, "call_not_found")
+        except Unauthorized:
+            self._refuse(UNAUTHORIZED, "unauthorized")
+        except CallBusy:
+            self._refuse(TRY_AGAIN_LATER, "call_busy")
+        else:
+            logger.info("socket of %s joined call %s", peer_id, call_id)
+
+    def _refuse(self, code: int, reason: str) -> None:
+        self._actor = None
+        self.close(code, reason)
+
+    async def on_message(self, message: str | bytes) -> None:
+        try:
+            await self._receive(message)
+        except Exception:
+            # An exception escaping on_message would drop the TCP connection without a close frame.
+            logger.exception("unexpected error handling a frame; closing the socket")
+            self.close(INTERNAL_ERROR, "internal error")
+
+    async def _receive(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self.close(UNSUPPORTED_DATA, "binary frames are not accepted")
+            return
+        try:
+            parsed = messages.parse(message, self.config.max_message_size)
+        except SignalError as exc:
+            self.send(messages.to_json(messages.error(exc.code, exc.message)))
+            return
+        if self._actor is not None:
+            try:
+                await self._actor.put(Receive(self.conn, parsed), socket=self)
+            except CallEnded:
+                pass  # the actor closes this socket as it stops
+
+    def on_close(self) -> None:
+        actor, self._actor = self._actor, None
+        if actor is None:
+            return
+        try:
+            actor.tell(Disconnect(self.conn))
+        except CallBusy:
+            # A disconnect must not be lost, or the participant would look connected forever.
+            self.registry.defer(actor.put(Disconnect(self.conn)))
+        except CallEnded:
+            pass
+
+    def send(self, text: str) -> None:
+        """Send a frame without waiting; a reader too slow to keep up is closed with 1013."""
+        try:
+            self.write_message(text)
+        except WebSocketClosedError:
+            logger.debug("dropped a frame for a closed socket")
+        except StreamBufferFullError:
+            logger.warning("closing a socket whose reader fell %d bytes behind", self.config.ws_write_buffer_limit)
+            assert self.ws_connection is not None
+            self.ws_connection.stream.max_write_buffer_size = None  # type: ignore[attr-defined]
+            self.close(TRY_AGAIN_LATER, "slow reader")

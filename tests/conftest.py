@@ -1,0 +1,86 @@
+"""Fixtures: a real signal_srv app on a free port per test, a client, and the log guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from typing import Any, Iterator
+
+import pytest
+from tornado.ioloop import IOLoop
+from tornado.web import Application
+
+from signal_srv.app import make_app, make_registry
+from signal_srv.client import SignalingClient
+from signal_srv.config import Config
+from signal_srv.registry import Registry
+
+# One timeout for every wait in the tests; scale it on slow machines.
+TIMEOUT = 5.0 * float(os.environ.get("SIGNAL_SRV_TEST_TIMEOUT_SCALE", "1"))
+
+
+@pytest.fixture
+def config(request: pytest.FixtureRequest) -> Config:
+    """Test defaults (short heartbeats), overridden with ``@pytest.mark.settings(...)``."""
+    options: dict[str, Any] = {"port": 0, "heartbeat_interval": 5.0, "heartbeat_timeout": 5.0}
+    for marker in reversed(list(request.node.iter_markers("settings"))):
+        options.update(marker.kwargs)
+    return dataclasses.replace(Config(), **options)
+
+
+@pytest.fixture
+def registry(config: Config, io_loop: IOLoop) -> Iterator[Registry]:
+    registry = make_registry(config)
+    yield registry
+    io_loop.run_sync(registry.close, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def app(config: Config, registry: Registry) -> Application:
+    return make_app(config, registry)
+
+
+@pytest.fixture
+def base_url(http_server: Any, http_server_port: tuple[Any, int]) -> str:
+    return f"http://127.0.0.1:{http_server_port[1]}"
+
+
+@pytest.fixture
+def client(base_url: str) -> SignalingClient:
+    return SignalingClient(base_url, timeout=TIMEOUT)
+
+
+class LogGuard(logging.Handler):
+    """Collects WARNING and above; the test fails on any record it did not ``expect``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.expected: list[tuple[str, re.Pattern[str]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def expect(self, logger: str, pattern: str) -> None:
+        """Declare that a WARNING+ record from ``logger`` matching ``pattern`` may appear."""
+        self.expected.append((logger, re.compile(pattern)))
+
+    def unexpected(self) -> list[str]:
+        return [
+            f"{r.levelname} {r.name}: {r.getMessage()}"
+            for r in self.records
+            if not any(r.name.startswith(name) and p.search(r.getMessage()) for name, p in self.expected)
+        ]
+
+
+@pytest.fixture(autouse=True)
+def log_guard() -> Iterator[LogGuard]:
+    guard = LogGuard()
+    root = logging.getLogger()
+    root.addHandler(guard)
+    yield guard
+    root.removeHandler(guard)
+    unexpected = guard.unexpected()
+    assert not unexpected, f"unexpected log records: {unexpected}"

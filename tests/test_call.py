@@ -1,0 +1,260 @@
+"""The call state machine, driven directly: no event loop, no network."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from signal_srv.call import (
+    TRANSITIONS,
+    Call,
+    Close,
+    Connect,
+    Disconnect,
+    End,
+    Expire,
+    Join,
+    Leave,
+    Receive,
+    Send,
+    Shutdown,
+    Status,
+    StatusChanged,
+    is_expired,
+)
+from signal_srv.errors import BufferFull, CallEnded, CallFull, NoPeer, SignalError, Unauthorized
+from signal_srv.messages import Ping, Relay
+
+TTL = 10.0
+
+
+def make_call(participants: int = 1) -> Call:
+    call = Call("c1", 0.0, ttl=TTL, max_participants=2, hold_limit=3)
+    for i in range(participants):
+        call.handle(Join(f"p{i}", f"t{i}"), 0.0)
+    return call
+
+
+def in_status(status: Status) -> Call:
+    if status is Status.WAITING:
+        return make_call(1)
+    call = make_call(2)
+    if status is Status.ENDED:
+        call.handle(End("t0"), 1.0)
+    return call
+
+
+def sends(effects: list, conn: int) -> list[dict]:
+    return [e.message for e in effects if isinstance(e, Send) and e.conn == conn]
+
+
+ALL_EVENTS = [
+    Join("new", "tn"), Leave("t0"), End("t0"), Connect("p0", "t0", 1), Disconnect(1),
+    Receive(1, Ping()), Expire(), Shutdown(),
+]
+
+
+REFUSED = [(s, e) for s in Status for e in ALL_EVENTS if type(e) not in TRANSITIONS[s]]
+
+
+@pytest.mark.parametrize(("status", "event"), REFUSED, ids=lambda v: getattr(v, "value", type(v).__name__))
+def test_events_outside_the_table_are_refused_and_change_nothing(status: Status, event: object) -> None:
+    call = in_status(status)
+    before = (call.status, copy.deepcopy(call.participants))
+    with pytest.raises(CallEnded):
+        call.handle(event, 2.0)  # type: ignore[arg-type]
+    assert (call.status, call.participants) == before
+
+
+def test_ended_is_terminal() -> None:
+    assert TRANSITIONS[Status.ENDED] == frozenset()
+
+
+def test_first_join_is_host_second_is_guest_and_call_becomes_active() -> None:
+    call = make_call(1)
+    assert call.participant("p0").role == "host" and not call.participant("p0").polite
+    effects = call.handle(Join("p1", "t1"), 1.0)
+    assert StatusChanged(Status.WAITING, Status.ACTIVE) in effects
+    assert call.participant("p1").role == "guest" and call.participant("p1").polite
+    assert call.status is Status.ACTIVE
+
+
+def test_third_join_gets_call_full_and_changes_nothing() -> None:
+    call = make_call(2)
+    with pytest.raises(CallFull):
+        call.handle(Join("p2", "t2"), 1.0)
+    assert list(call.participants) == ["p0", "p1"]
+    assert call.status is Status.ACTIVE
+
+
+def test_leave_of_active_call_returns_it_to_waiting_and_frees_the_slot() -> None:
+    call = make_call(2)
+    effects = call.handle(Leave("t1"), 1.0)
+    assert StatusChanged(Status.ACTIVE, Status.WAITING) in effects
+    assert list(call.participants) == ["p0"]
+    call.handle(Join("p2", "t2"), 2.0)
+    assert call.participant("p2").role == "guest"
+
+
+def test_host_slot_is_taken_by_the_next_joiner_when_the_host_left() -> None:
+    call = make_call(2)
+    call.handle(Leave("t0"), 1.0)
+    call.handle(Join("p2", "t2"), 2.0)
+    assert call.participant("p2").role == "host"
+
+
+def test_last_leave_ends_the_call() -> None:
+    call = make_call(1)
+    effects = call.handle(Leave("t0"), 1.0)
+    assert effects[-1] == StatusChanged(Status.WAITING, Status.ENDED, "left")
+    assert call.status is Status.ENDED and call.end_reason == "left"
+
+
+@pytest.mark.parametrize("event", [Leave("wrong"), End("wrong"), Leave(""), End("t0\u00e9")])
+def test_wrong_token_is_unauthorized(event: object) -> None:
+    call = make_call(2)
+    with pytest.raises(Unauthorized):
+        call.handle(event, 1.0)  # type: ignore[arg-type]
+    assert call.status is Status.ACTIVE and len(call.participants) == 2
+
+
+def test_end_closes_every_socket_with_call_ended() -> None:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)
+    effects = call.handle(End("t1"), 2.0)
+    for conn, seq in ((10, 2), (11, 1)):
+        assert sends(effects, conn)[-1] == {"type": "call_ended", "call_id": "c1", "reason": "ended", "seq": seq}
+        assert Close(conn, 1000, "ended") in effects
+    assert effects[-1] == StatusChanged(Status.ACTIVE, Status.ENDED, "ended")
+
+
+def test_connect_with_wrong_token_or_unknown_peer_is_unauthorized() -> None:
+    call = make_call(2)
+    for event in (Connect("p0", "t1", 1), Connect("nobody", "t0", 1)):
+        with pytest.raises(Unauthorized):
+            call.handle(event, 1.0)
+    assert call.connected == 0
+
+
+def test_connect_sends_state_to_every_connected_participant() -> None:
+    call = make_call(2)
+    first = call.handle(Connect("p0", "t0", 10), 1.0)
+    assert sends(first, 10) == [{
+        "type": "state", "call_id": "c1", "status": "active", "peer_id": "p0", "polite": False,
+        "participants": {"count": 2, "connected": 1, "max": 2}, "event": "connected", "subject": "p0", "seq": 0,
+    }]
+    second = call.handle(Connect("p1", "t1", 11), 1.0)
+    assert [m["peer_id"] for m in sends(second, 10)] == ["p0"]
+    assert [m["peer_id"] for m in sends(second, 11)] == ["p1"]
+    assert all(m["subject"] == "p1" and m["participants"]["connected"] == 2 for m in sends(second, 10) + sends(second, 11))
+
+
+def test_second_socket_of_a_peer_replaces_the_first_with_4409() -> None:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    effects = call.handle(Connect("p0", "t0", 20), 2.0)
+    assert effects[0] == Close(10, 4409, "replaced")
+    assert call.handle(Disconnect(10), 3.0) == []  # the replaced socket's close changes nothing
+    assert call.participant("p0").conn == 20
+
+
+def test_relay_goes_only_to_the_other_participant() -> None:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)
+    effects = call.handle(Receive(10, Relay("offer", {"sdp": "x"})), 2.0)
+    assert effects == [Send(11, {"type": "offer", "call_id": "c1", "from": "p0", "payload": {"sdp": "x"}, "seq": 1})]
+
+
+def test_relay_without_other_participant_is_no_peer() -> None:
+    call = make_call(1)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    with pytest.raises(NoPeer):
+        call.handle(Receive(10, Relay("offer", 1)), 2.0)
+
+
+def test_relay_to_a_joined_but_unconnected_peer_is_held_in_order_up_to_the_limit() -> None:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    for i in range(3):
+        assert call.handle(Receive(10, Relay("candidate", i)), 2.0) == []
+    with pytest.raises(BufferFull):
+        call.handle(Receive(10, Relay("candidate", 3)), 2.0)
+    effects = call.handle(Connect("p1", "t1", 11), 3.0)
+    delivered = sends(effects, 11)
+    assert delivered[0]["type"] == "state"
+    assert [(m["payload"], m["seq"]) for m in delivered[1:]] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_ping_is_answered_with_pong_to_the_sender_only() -> None:
+    call = make_call(1)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    assert call.handle(Receive(10, Ping()), 2.0) == [Send(10, {"type": "pong", "seq": 1})]
+
+
+def test_traffic_from_a_detached_socket_is_refused() -> None:
+    call = make_call(2)
+    with pytest.raises(Unauthorized):
+        call.handle(Receive(99, Ping()), 1.0)
+
+
+def test_deadline_runs_only_without_connected_sockets() -> None:
+    call = make_call(1)
+    assert call.deadline() == TTL
+    call.handle(Connect("p0", "t0", 10), 5.0)
+    assert call.deadline() is None
+    assert call.handle(Expire(), 1000.0) == []  # a live call never expires
+    call.handle(Disconnect(10), 1000.0)
+    assert call.deadline() == 1000.0 + TTL
+
+
+def test_expire_ends_the_call_only_after_the_deadline() -> None:
+    call = make_call(2)
+    assert call.handle(Expire(), TTL - 0.1) == []
+    assert call.status is Status.ACTIVE
+    effects = call.handle(Expire(), TTL)
+    assert effects[-1] == StatusChanged(Status.ACTIVE, Status.ENDED, "expired")
+
+
+def test_activity_pushes_the_deadline() -> None:
+    call = make_call(2)
+    call.handle(Leave("t1"), 8.0)
+    assert call.deadline() == 8.0 + TTL
+
+
+def test_shutdown_sends_server_shutdown_and_closes_with_1001() -> None:
+    call = make_call(1)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    effects = call.handle(Shutdown(), 2.0)
+    assert sends(effects, 10) == [{"type": "server_shutdown", "seq": 1}]
+    assert Close(10, 1001, "shutdown") in effects
+
+
+def test_leave_closes_the_leavers_socket_and_tells_the_other() -> None:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)
+    effects = call.handle(Leave("t1"), 2.0)
+    assert sends(effects, 11)[-1]["type"] == "call_ended" and sends(effects, 11)[-1]["reason"] == "left"
+    assert Close(11, 1000, "left") in effects
+    state = sends(effects, 10)[-1]
+    assert (state["event"], state["subject"], state["reason"], state["status"]) == ("left", "p1", "left", "waiting")
+
+
+def test_seq_continues_across_reconnects() -> None:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Disconnect(10), 2.0)
+    effects = call.handle(Connect("p0", "t0", 12), 3.0)
+    assert sends(effects, 12)[0]["seq"] == 1
+
+
+@pytest.mark.parametrize(("last", "now", "expired"), [(0.0, 9.9, False), (0.0, 10.0, True), (5.0, 14.0, False)])
+def test_is_expired(last: float, now: float, expired: bool) -> None:
+    assert is_expired(last, TTL, now) is expired
+
+
+def test_every_refusal_is_a_signal_error() -> None:
+    assert all(issubclass(e, SignalError) for e in (CallEnded, CallFull, NoPeer, BufferFull, Unauthorized))

@@ -23,6 +23,7 @@ from signal_srv.call import (
     Call,
     Close,
     Connect,
+    Disconnect,
     Effect,
     Event,
     Expire,
@@ -44,7 +45,13 @@ INTERNAL_ERROR = 1011  # RFC 6455: the server hit an unexpected condition
 class Socket(Protocol):
     """What the actor needs of a participant's WebSocket (see ``ws.SignalingSocket``)."""
 
+    awaiting_pong_since: float | None
+
     def send(self, text: str) -> None: ...
+
+    def heartbeat(self, now: float) -> None: ...
+
+    def abort(self) -> None: ...
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
@@ -105,6 +112,8 @@ class CallActor:
         order: int,
         mailbox_size: int,
         on_status: Callable[[CallActor, Status, Status], None],
+        heartbeat_interval: float = 20.0,
+        heartbeat_timeout: float = 60.0,
     ) -> None:
         self.call = call
         self.call_id = call.call_id
@@ -113,8 +122,11 @@ class CallActor:
         self._queue: Queue[Envelope] = Queue(maxsize=mailbox_size)
         self._sockets: dict[int, Socket] = {}
         self._on_status = on_status
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
         self._alive = True
         self._loop = IOLoop.current()
+        self._pinged_at = self._loop.time()
         self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self.log = logging.LoggerAdapter(logger, {"call_id": self.call_id})
 
@@ -196,27 +208,69 @@ class CallActor:
         try:
             while self.call.status is not Status.ENDED:
                 envelope = await self._next()
-                self._process(envelope)
+                if envelope is None:
+                    self._on_timer()
+                else:
+                    self._process(envelope)
         except Exception:
             crashed = True
             self.log.exception("call %s crashed; ending it", self.call_id)
         finally:
             self._teardown(crashed)
 
-    async def _next(self) -> Envelope:
-        deadline = self.call.deadline()
+    async def _next(self) -> Envelope | None:
+        """The next envelope, or None when a timer (expiry, heartbeat) is due first."""
+        wake = self._wake_time()
         if self._queue.qsize():
-            # A steady stream of refused envelopes must not keep an idle call alive.
-            if deadline is not None and self._loop.time() >= deadline:
-                return Envelope(Expire())
+            # A steady stream of envelopes must not starve the timers.
+            if wake is not None and self._loop.time() >= wake:
+                return None
             return self._queue.get_nowait()
-        if deadline is None:
+        if wake is None:
             return await self._queue.get()
         try:
             # A number is an absolute IOLoop.time() deadline for tornado.queues.
-            return await self._queue.get(timeout=deadline)
+            return await self._queue.get(timeout=wake)
         except TimeoutError:
-            return Envelope(Expire())
+            return None
+
+    def _wake_time(self) -> float | None:
+        deadline, heartbeat = self.call.deadline(), self._heartbeat_due()
+        if deadline is None or heartbeat is None:
+            return heartbeat if deadline is None else deadline
+        return min(deadline, heartbeat)
+
+    def _on_timer(self) -> None:
+        now = self._loop.time()
+        heartbeat = self._heartbeat_due()
+        if heartbeat is not None and now >= heartbeat:
+            self._heartbeat(now)
+        deadline = self.call.deadline()
+        if deadline is not None and now >= deadline:
+            self._process(Envelope(Expire()))
+
+    # Heartbeat: one timer per call pings all of its sockets ------------------------------
+
+    def _heartbeat_due(self) -> float | None:
+        if not self._sockets:
+            return None
+        due = self._pinged_at + self._heartbeat_interval
+        for socket in self._sockets.values():
+            if socket.awaiting_pong_since is not None:
+                due = min(due, socket.awaiting_pong_since + self._heartbeat_timeout)
+        return due
+
+    def _heartbeat(self, now: float) -> None:
+        for conn, socket in list(self._sockets.items()):
+            since = socket.awaiting_pong_since
+            if since is not None and now - since >= self._heartbeat_timeout:
+                del self._sockets[conn]
+                self.log.info("call %s: a socket missed its pong for %.1f s; dropping it", self.call_id, now - since)
+                socket.abort()  # its on_close reports the disconnect through the inbox
+        if now >= self._pinged_at + self._heartbeat_interval:
+            self._pinged_at = now
+            for socket in self._sockets.values():
+                socket.heartbeat(now)
 
     def _process(self, envelope: Envelope) -> None:
         event = envelope.event
@@ -228,6 +282,8 @@ class CallActor:
             return
         if envelope.socket is not None and isinstance(event, Connect):
             self._sockets[event.conn] = envelope.socket
+        elif isinstance(event, Disconnect):
+            self._sockets.pop(event.conn, None)
         if envelope.reply is not None and not envelope.reply.done():
             envelope.reply.set_result(self._result(event))
         self._carry_out(effects)

@@ -54,6 +54,8 @@ def make_registry(config: Config) -> Registry:
         max_participants=config.max_participants,
         hold_limit=config.ws_buffer_limit,
         mailbox_size=config.mailbox_size,
+        heartbeat_interval=config.heartbeat_interval,
+        heartbeat_timeout=config.heartbeat_timeout,
     )
 
 
@@ -83,7 +85,5 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
         log_function=log_request,
-        websocket_ping_interval=config.heartbeat_interval,
-        websocket_ping_timeout=config.heartbeat_timeout,
         websocket_max_message_size=config.max_message_size,
     )

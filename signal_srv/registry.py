@@ -66,12 +66,16 @@ class Registry:
         max_participants: int = 2,
         hold_limit: int = 64,
         mailbox_size: int = 256,
+        heartbeat_interval: float = 20.0,
+        heartbeat_timeout: float = 60.0,
     ) -> None:
         self.call_ttl = call_ttl
         self.max_calls = max_calls
         self.max_participants = max_participants
         self.hold_limit = hold_limit
         self.mailbox_size = mailbox_size
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
         self._actors: dict[str, CallActor] = {}
         self._by_order: dict[int, CallActor] = {}
         self._order: dict[Status, list[int]] = {Status.WAITING: [], Status.ACTIVE: []}
@@ -100,7 +104,10 @@ class Registry:
             max_participants=self.max_participants, hold_limit=self.hold_limit,
         )
         order = next(self._counter)
-        actor = CallActor(call, order=order, mailbox_size=self.mailbox_size, on_status=self._status_changed)
+        actor = CallActor(
+            call, order=order, mailbox_size=self.mailbox_size, on_status=self._status_changed,
+            heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
+        )
         peer_id, peer_token = new_id(), new_id()
         joined = actor.start(peer_id, peer_token)
         self._actors[call_id] = actor

@@ -8,6 +8,7 @@ token, 4404 no such call, 4409 replaced by a newer socket of the same participan
 from __future__ import annotations
 
 import logging
+from asyncio import Future
 from typing import Any
 
 from tornado.iostream import StreamBufferFullError
@@ -33,6 +34,12 @@ UNAUTHORIZED = 4401
 CALL_NOT_FOUND = 4404
 
 
+def _retrieve(future: Future[None]) -> None:
+    """Mark a failed write as seen: a peer that went away mid-write is not an error."""
+    if not future.cancelled():
+        future.exception()
+
+
 class SignalingSocket(WebSocketHandler):
     """``GET /apiv2/ws?call_id=&peer_id=&token=``: one participant's signaling socket."""
 
@@ -40,6 +47,7 @@ class SignalingSocket(WebSocketHandler):
         self.registry = registry
         self.config = config
         self.conn = id(self)
+        self.awaiting_pong_since: float | None = None
         self._actor: CallActor | None = None
 
     def check_origin(self, origin: str) -> bool:
@@ -75,7 +83,25 @@ class SignalingSocket(WebSocketHandler):
         self._actor = None
         self.close(code, reason)
 
+    def heartbeat(self, now: float) -> None:
+        """Send a protocol ping; the actor drops the socket if no pong comes in time."""
+        if self.awaiting_pong_since is None:
+            self.awaiting_pong_since = now
+        try:
+            self.ping()
+        except WebSocketClosedError:
+            pass
+
+    def on_pong(self, data: bytes) -> None:
+        self.awaiting_pong_since = None
+
+    def abort(self) -> None:
+        """Drop a dead peer's connection at once, without waiting for a closing handshake."""
+        if self.ws_connection is not None:
+            self.ws_connection.stream.close()  # type: ignore[attr-defined]
+
     async def on_message(self, message: str | bytes) -> None:
+        self.awaiting_pong_since = None
         try:
             await self._receive(message)
         except Exception:
@@ -113,7 +139,7 @@ class SignalingSocket(WebSocketHandler):
     def send(self, text: str) -> None:
         """Send a frame without waiting; a reader too slow to keep up is closed with 1013."""
         try:
-            self.write_message(text)
+            self.write_message(text).add_done_callback(_retrieve)
         except WebSocketClosedError:
             logger.debug("dropped a frame for a closed socket")
         except StreamBufferFullError:
@@ -121,3 +147,4 @@ class SignalingSocket(WebSocketHandler):
             assert self.ws_connection is not None
             self.ws_connection.stream.max_write_buffer_size = None  # type: ignore[attr-defined]
             self.close(TRY_AGAIN_LATER, "slow reader")
+            self.abort()  # it does not read, so it would never answer the closing handshake

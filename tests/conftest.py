@@ -24,7 +24,7 @@ TIMEOUT = 5.0 * float(os.environ.get("SIGNAL_SRV_TEST_TIMEOUT_SCALE", "1"))
 @pytest.fixture
 def config(request: pytest.FixtureRequest) -> Config:
     """Test defaults (short heartbeats), overridden with ``@pytest.mark.settings(...)``."""
-    options: dict[str, Any] = {"port": 0, "heartbeat_interval": 5.0, "heartbeat_timeout": 5.0}
+    options: dict[str, Any] = {"port": 0}
     for marker in reversed(list(request.node.iter_markers("settings"))):
         options.update(marker.kwargs)
     return dataclasses.replace(Config(), **options)

@@ -410,7 +410,7 @@ class Demo {
     this.peer = null;
     this.localStream = null;
     this.remoteStream = new MediaStream();
-    this.remoteFrames = 0;
+    this.renderedFrames = 0;
     this.events = [];
     this.iceServers = null;
   }
@@ -420,7 +420,6 @@ class Demo {
     $('copy-link').onclick = () => this.copyInvite();
     $('hang-up').onclick = () => this.hangUp();
     $('unmute').onclick = () => this.unmute();
-    $('remote-video').srcObject = this.remoteStream;
     this.#countRemoteFrames();
     window.addEventListener('popstate', () => location.reload());
     const callId = new URLSearchParams(location.search).get('call');
@@ -635,6 +634,8 @@ class Demo {
     }
     if (!this.remoteStream.getTracks().includes(track)) this.remoteStream.addTrack(track);
     const video = $('remote-video');
+    // Attached only now: a media element without data would hold back the page's load event.
+    if (video.srcObject !== this.remoteStream) video.srcObject = this.remoteStream;
     video.play().catch(() => {
       // Autoplay with sound needs a click on this page; play muted until then.
       video.muted = true;
@@ -647,7 +648,7 @@ class Demo {
     const video = $('remote-video');
     if (!('requestVideoFrameCallback' in video)) return;
     const tick = () => {
-      this.remoteFrames += 1;
+      this.renderedFrames += 1;
       video.requestVideoFrameCallback(tick);
     };
     video.requestVideoFrameCallback(tick);
@@ -708,7 +709,10 @@ window.demo = Object.freeze({
   get socket() { return app.signaling?.status ?? null; },
   get sending() { return Boolean(app.localStream); },
   get remoteVideo() { return $('remote-video'); },
-  get remoteFrames() { return app.remoteFrames; },
+  // Frames of the remote video decoded so far, and frames painted (painting pauses in a
+  // background tab; decoding does not).
+  get remoteFrames() { return $('remote-video').getVideoPlaybackQuality().totalVideoFrames; },
+  get renderedFrames() { return app.renderedFrames; },
   get events() { return [...app.events]; },
 });
 

@@ -145,6 +145,7 @@ class SignalingSocket(WebSocketHandler):
         except StreamBufferFullError:
             logger.warning("closing a socket whose reader fell %d bytes behind", self.config.ws_write_buffer_limit)
             assert self.ws_connection is not None
-            self.ws_connection.stream.max_write_buffer_size = None  # type: ignore[attr-defined]
+            stream = self.ws_connection.stream  # type: ignore[attr-defined]
+            stream.max_write_buffer_size = None
             self.close(TRY_AGAIN_LATER, "slow reader")
-            self.abort()  # it does not read, so it would never answer the closing handshake
+            stream.close()  # it does not read, so it would never answer the closing handshake

@@ -527,6 +527,7 @@ class Demo {
   }
 
   onSocketStatus(status, detail) {
+    this.log(`signaling ${status}${detail.code ? ` (close code ${detail.code})` : ''}`);
     if (status === 'open') this.awaitingState = true;
     if (status === 'reconnecting') this.#say('socket', `Connection to the server lost; reconnecting (attempt ${this.signaling?.attempt ?? 1})…`);
     if (status === 'open') this.#say('socket', '');

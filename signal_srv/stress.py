@@ -1,0 +1,593 @@
+"""``signal-srv-stress``: many concurrent calls at once, with exact-delivery verification.
+
+Each call: create, join, both sockets connect, an offer (~2 KB) and an answer, then K
+candidates (~200 B) each way. A fraction of the calls is ended mid-run; once those have
+ended, every other call sends one more message each way (proving it was unaffected) and
+is ended too. Every relayed payload carries a ``stress`` tag (call id, sender role,
+per-sender number, send time), so the receiver can tell a lost, duplicated, misrouted or
+reordered message; any of those, and any unexpected error frame or close, makes the run
+fail (exit status 1).
+
+The core is importable (``run_stress``) so tests can drive it in-process; ``main()`` adds
+the command line, a self-spawned server (``spawn_server``), the live line and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from tornado.httpclient import AsyncHTTPClient
+
+from signal_srv.client import ApiError, Connection, ConnectionClosed, SignalingClient
+
+__all__ = [
+    "GENEROUS_LIMITS",
+    "Spawned",
+    "StressOptions",
+    "StressResult",
+    "free_port",
+    "main",
+    "percentiles",
+    "raise_nofile",
+    "run_stress",
+    "spawn_server",
+]
+
+RELAY_TYPES = frozenset({"offer", "answer", "candidate", "bye", "message"})
+MAX_FAILURES_KEPT = 20
+
+# Server options the spawned server gets, when (and only when) its --help lists them:
+# per-IP rate limits must not throttle a load generator that runs on 127.0.0.1 by design.
+GENEROUS_LIMITS: dict[str, str] = {
+    "rate_create": "1000000",
+    "rate_join": "1000000",
+    "ws_rate": "1000000",
+}
+
+
+# Options and results -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StressOptions:
+    calls: int = 200
+    candidates: int = 10
+    end_fraction: float = 0.3
+    duration: float = 120.0  # the whole run is cut off after this many seconds
+    timeout: float = 10.0  # every single wait
+    sdp_size: int = 2000
+    candidate_size: int = 200
+    http_concurrency: int = 64  # REST requests in flight
+    connect_concurrency: int = 200  # WebSocket handshakes in flight
+    seed: int | None = None
+
+
+@dataclass
+class StressResult:
+    calls: int = 0
+    calls_ok: int = 0
+    calls_failed: int = 0
+    calls_unfinished: int = 0
+    ended_mid_run: int = 0
+    sent: int = 0
+    delivered: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    misrouted: int = 0
+    reordered: int = 0
+    seq_gaps: int = 0
+    unexpected_errors: int = 0
+    unexpected_closes: int = 0
+    elapsed: float = 0.0
+    exchange_time: float = 0.0
+    latency_ms: dict[str, list[float]] = field(
+        default_factory=lambda: {"create": [], "join": [], "connect": [], "relay_hop": []})
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        bad = (self.calls_failed, self.calls_unfinished, self.lost, self.duplicated, self.misrouted,
+               self.reordered, self.seq_gaps, self.unexpected_errors, self.unexpected_closes)
+        return self.calls > 0 and not any(bad)
+
+    def fail(self, text: str) -> None:
+        if len(self.failures) < MAX_FAILURES_KEPT:
+            self.failures.append(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {k: v for k, v in vars(self).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {
+            "ok": self.ok,
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in counts.items()},
+            "messages_per_s": round(self.delivered / self.exchange_time, 1) if self.exchange_time else 0.0,
+            "calls_per_s": round(self.calls_ok / self.elapsed, 1) if self.elapsed else 0.0,
+            "latency_ms": {k: percentiles(v) for k, v in self.latency_ms.items()},
+            "failures": list(self.failures),
+        }
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99/max (nearest rank), rounded to 0.01; zeros for an empty list."""
+    if not values:
+        return {"n": 0, "p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(values)
+    last = len(ordered) - 1
+
+    def rank(q: float) -> float:
+        return round(ordered[min(last, int(q * len(ordered)))], 2)
+
+    return {"n": len(ordered), "p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": round(ordered[-1], 2)}
+
+
+# One participant's socket ----------------------------------------------------------------
+
+
+class Side:
+    """A participant's socket and everything it has received, checked as it arrives."""
+
+    def __init__(self, run: _Run, call_id: str, role: str, peer_id: str, token: str) -> None:
+        self.run, self.call_id, self.role, self.peer_id, self.token = run, call_id, role, peer_id, token
+        self.conn: Connection | None = None
+        self.other_peer_id = ""
+        self.sent = 0  # relayed messages this side sent
+        self.seen: set[int] = set()  # numbers received from the other side
+        self.max_seen = -1
+        self.last_seq: int | None = None
+        self.both_connected = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self.ended_reason: str | None = None
+        self.expect_close = False
+        self._wanted = 0
+        self._arrived = asyncio.Event()
+        self.reader: asyncio.Task[None] | None = None
+
+    def send(self, kind: str, body: dict[str, Any]) -> None:
+        assert self.conn is not None
+        body["stress"] = {"call": self.call_id, "from": self.role, "n": self.sent, "t": time.perf_counter()}
+        self.sent += 1
+        self.run.result.sent += 1
+        self.conn.send(kind, body)
+
+    async def wait_received(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` distinct messages from the other side have arrived."""
+        self._wanted = count
+        self._arrived.clear()
+        if len(self.seen) >= count:
+            return True
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def read_all(self, deadline: float) -> None:
+        """Read and check every frame until the socket closes (or the deadline)."""
+        assert self.conn is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                frame = await self.conn.receive(max(deadline - loop.time(), 0.001))
+                self._check(frame)
+        except ConnectionClosed as closed:
+            self.close_code = closed.code
+        except TimeoutError:
+            self.run.result.fail(f"{self.call_id[:8]} {self.role}: socket still open at the deadline")
+        except Exception as exc:  # a broken frame is a finding, not a crash of the tool
+            self.run.result.unexpected_errors += 1
+            self.run.result.fail(f"{self.call_id[:8]} {self.role}: {type(exc).__name__}: {exc}")
+        finally:
+            self.closed.set()
+
+    def _check(self, frame: dict[str, Any]) -> None:
+        result = self.run.result
+        self._check_seq(frame)
+        kind = frame.get("type")
+        if frame.get("call_id") != self.call_id:
+            result.misrouted += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: got a {kind} frame of call {str(frame.get('call_id'))[:8]}")
+        elif kind in RELAY_TYPES:
+            self._check_relayed(frame)
+        elif kind == "state":
+            if frame.get("participants", {}).get("connected", 0) >= 2:
+                self.both_connected.set()
+        elif kind == "call_ended":
+            self.ended_reason = frame.get("reason")
+        else:
+            result.unexpected_errors += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: unexpected frame {json.dumps(frame)[:200]}")
+
+    def _check_seq(self, frame: dict[str, Any]) -> None:
+        seq = frame.get("seq")
+        if isinstance(seq, int) and self.last_seq is not None and seq != self.last_seq + 1:
+            self.run.result.seq_gaps += 1
+            self.run.result.fail(f"{self.call_id[:8]} {self.role}: server seq {self.last_seq} -> {seq}")
+        if isinstance(seq, int):
+            self.last_seq = seq
+
+    def _check_relayed(self, frame: dict[str, Any]) -> None:
+        result = self.run.result
+        payload = frame.get("payload")
+        tag = payload.get("stress") if isinstance(payload, dict) else None
+        if not isinstance(tag, dict) or tag.get("call") != self.call_id:
+            result.misrouted += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: got a message tagged for another call")
+            return
+        if tag.get("from") == self.role or frame.get("from") != self.other_peer_id:
+            result.misrouted += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: got a message not sent by the other participant")
+            return
+        n = int(tag["n"])
+        if n in self.seen:
+            result.duplicated += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: message {n} arrived twice")
+            return
+        if n < self.max_seen:
+            result.reordered += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: message {n} arrived after {self.max_seen}")
+        self.seen.add(n)
+        self.max_seen = max(self.max_seen, n)
+        result.delivered += 1
+        result.latency_ms["relay_hop"].append(1000.0 * (time.perf_counter() - float(tag["t"])))
+        if len(self.seen) >= self._wanted:
+            self._arrived.set()
+
+
+# The run ---------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, base_url: str, options: StressOptions) -> None:
+        self.options = options
+        self.result = StressResult(calls=options.calls)
+        self.client = SignalingClient(base_url, timeout=options.timeout)
+        self.client.http = AsyncHTTPClient(force_instance=True, max_clients=options.http_concurrency)
+        self.rest_slots = asyncio.Semaphore(options.http_concurrency)
+        self.connect_slots = asyncio.Semaphore(options.connect_concurrency)
+        rng = random.Random(options.seed)
+        enders = round(options.calls * options.end_fraction)
+        self.ends_mid_run = set(rng.sample(range(options.calls), enders))
+        self.mid_run_pending = enders
+        self.mid_run_done = asyncio.Event()
+        if not enders:
+            self.mid_run_done.set()
+        self.sides: list[Side] = []
+        self.connected = 0
+        self.first_offer: float | None = None
+        self.last_delivery = 0.0
+        self.sdp = sdp_like(options.sdp_size)
+        self.candidate = candidate_like(options.candidate_size)
+
+    async def rest(self, name: str, work: Any) -> dict[str, Any]:
+        async with self.rest_slots:
+            started = time.perf_counter()
+            answer: dict[str, Any] = await work
+        self.result.latency_ms[name].append(1000.0 * (time.perf_counter() - started))
+        return answer
+
+    async def connect(self, side: Side, deadline: float) -> None:
+        async with self.connect_slots:
+            started = time.perf_counter()
+            side.conn = await self.client.connect(side.call_id, side.peer_id, side.token)
+        self.result.latency_ms["connect"].append(1000.0 * (time.perf_counter() - started))
+        self.connected += 1
+        side.reader = asyncio.ensure_future(side.read_all(deadline))
+
+    async def call(self, index: int, deadline: float) -> None:
+        """One call from creation to its verified end; counts it ok or failed."""
+        mid_run = index in self.ends_mid_run
+        sides: list[Side] = []
+        try:
+            ok = await self._call(mid_run, sides, deadline)
+        except (ApiError, ConnectionError, OSError, TimeoutError, ConnectionClosed) as exc:
+            ok = False
+            self.result.unexpected_errors += 1
+            self.result.fail(f"call #{index}: {type(exc).__name__}: {exc}")
+        finally:
+            if mid_run:
+                self.mid_run_pending -= 1
+                if self.mid_run_pending == 0:
+                    self.mid_run_done.set()
+        ok = self._settle(sides) and ok
+        if ok:
+            self.result.calls_ok += 1
+        else:
+            self.result.calls_failed += 1
+
+    async def _call(self, mid_run: bool, sides: list[Side], deadline: float) -> bool:
+        timeout = self.options.timeout
+        created = await self.rest("create", self.client.create_call())
+        call_id = created["call_id"]
+        joined = await self.rest("join", self.client.join(call_id))
+        host = Side(self, call_id, "host", created["peer_id"], created["peer_token"])
+        guest = Side(self, call_id, "guest", joined["peer_id"], joined["peer_token"])
+        host.other_peer_id, guest.other_peer_id = guest.peer_id, host.peer_id
+        sides += [host, guest]
+        self.sides += sides
+        await asyncio.gather(self.connect(host, deadline), self.connect(guest, deadline))
+        await asyncio.wait_for(asyncio.gather(host.both_connected.wait(), guest.both_connected.wait()), timeout)
+        if self.first_offer is None:
+            self.first_offer = time.perf_counter()
+        ok = await self._exchange(host, guest)
+        if mid_run:
+            self.result.ended_mid_run += 1
+            return await self._end(call_id, host, sides) and ok
+        await asyncio.wait_for(self.mid_run_done.wait(), max(deadline - asyncio.get_running_loop().time(), 0.001))
+        for side in sides:
+            side.send("message", {"text": "still here"})
+        ok = all([await s.wait_received(o.sent, timeout) for s, o in ((host, guest), (guest, host))]) and ok
+        return await self._end(call_id, guest, sides) and ok
+
+    async def _exchange(self, host: Side, guest: Side) -> bool:
+        timeout, k = self.options.timeout, self.options.candidates
+        host.send("offer", {"type": "offer", "sdp": self.sdp})
+        if not await guest.wait_received(1, timeout):
+            return False
+        guest.send("answer", {"type": "answer", "sdp": self.sdp})
+        if not await host.wait_received(1, timeout):
+            return False
+        for i in range(k):
+            for side in (host, guest):
+                side.send("candidate", {"candidate": self.candidate, "sdpMid": "0", "sdpMLineIndex": i % 2})
+        done = [await host.wait_received(guest.sent, timeout), await guest.wait_received(host.sent, timeout)]
+        self.last_delivery = time.perf_counter()
+        return all(done)
+
+    async def _end(self, call_id: str, by: Side, sides: list[Side]) -> bool:
+        for side in sides:
+            side.expect_close = True
+        await self.rest_plain(self.client.end(call_id, by.token))
+        await asyncio.wait_for(asyncio.gather(*(s.closed.wait() for s in sides)), self.options.timeout)
+        return True
+
+    async def rest_plain(self, work: Any) -> None:
+        async with self.rest_slots:
+            await work
+
+    def _settle(self, sides: list[Side]) -> bool:
+        """Count what each side missed and check how it closed; True if the call was clean."""
+        ok = True
+        for side in sides:
+            other = sides[1] if side is sides[0] else sides[0]
+            missing = other.sent - len(side.seen)
+            if missing > 0:
+                ok = False
+                self.result.lost += missing
+                self.result.fail(f"{side.call_id[:8]} {side.role}: {missing} message(s) never arrived")
+            if not side.expect_close:
+                continue
+            if side.ended_reason != "ended" or side.close_code != 1000:
+                ok = False
+                self.result.unexpected_closes += 1
+                self.result.fail(f"{side.call_id[:8]} {side.role}: ended with {side.ended_reason!r}, "
+                                 f"close {side.close_code} (want 'ended', 1000)")
+        for side in sides:
+            if side.closed.is_set() and not side.expect_close:
+                ok = False
+                self.result.unexpected_closes += 1
+                self.result.fail(f"{side.call_id[:8]} {side.role}: closed early with {side.close_code}")
+        return ok
+
+    async def finish(self) -> None:
+        """Close whatever is still open and wait briefly for the readers."""
+        for side in self.sides:
+            if side.conn is not None and not side.closed.is_set():
+                side.conn.close()
+        readers = [s.reader for s in self.sides if s.reader is not None]
+        if readers:
+            await asyncio.wait(readers, timeout=self.options.timeout)
+        self.client.http.close()
+
+
+async def run_stress(base_url: str, options: StressOptions, progress: Any = None) -> StressResult:
+    """Run the whole stress test against ``base_url``; never raises for server faults.
+
+    ``progress(run)`` is called twice a second while running, if given.
+    """
+    run = _Run(base_url, options)
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    deadline = loop.time() + options.duration
+    tasks = [asyncio.ensure_future(run.call(i, deadline)) for i in range(options.calls)]
+    ticker = asyncio.ensure_future(_tick(run, progress)) if progress else None
+    _, pending = await asyncio.wait(tasks, timeout=options.duration)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+        run.result.calls_unfinished = len(pending)
+        run.result.fail(f"{len(pending)} call(s) unfinished after --duration {options.duration:g} s")
+        run.result.calls_failed += len(pending)
+    if ticker is not None:
+        ticker.cancel()
+    await run.finish()
+    result = run.result
+    result.elapsed = time.perf_counter() - started
+    if run.first_offer is not None:
+        result.exchange_time = max(run.last_delivery - run.first_offer, 1e-6)
+    return result
+
+
+async def _tick(run: _Run, progress: Any) -> None:
+    while True:
+        await asyncio.sleep(0.5)  # a display refresh, not a wait for a condition
+        progress(run)
+
+
+def sdp_like(size: int) -> str:
+    lines = ["v=0", "o=- 4611731400430051336 2 IN IP4 127.0.0.1", "s=-", "t=0 0", "a=group:BUNDLE 0"]
+    i = 0
+    while sum(len(x) + 2 for x in lines) < size:
+        lines.append(f"a=fingerprint-{i}:sha-256 " + ":".join(f"{(i * 7 + j) % 256:02X}" for j in range(16)))
+        i += 1
+    return "\r\n".join(lines)[:size]
+
+
+def candidate_like(size: int) -> str:
+    text = "candidate:842163049 1 udp 1677729535 127.0.0.1 54400 typ srflx raddr 0.0.0.0 rport 0 generation 0"
+    return (text + " ufrag " + "x" * size)[:size]
+
+
+# Spawning a server -----------------------------------------------------------------------
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise the soft open-file limit towards ``wanted`` (capped by the hard limit); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_options() -> set[str]:
+    """Option names (with underscores) that ``python -m signal_srv --help`` lists."""
+    out = subprocess.run([sys.executable, "-m", "signal_srv", "--help"], capture_output=True, text=True,
+                         timeout=30).stdout
+    names = set()
+    for line in out.splitlines():
+        word = line.strip().split(" ")[0]
+        if word.startswith("--"):
+            names.add(word[2:].replace("-", "_"))
+    return names
+
+
+@dataclass
+class Spawned:
+    process: subprocess.Popen[bytes]
+    base_url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def spawn(argv: list[str], port: int, cpu: int | None = None, ready_path: str = "/healthz") -> Spawned:
+    """Start a server process and wait (at most 15 s) until it answers on 127.0.0.1:``port``."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(process.pid, {cpu})
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode}: {' '.join(argv)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return Spawned(process, base_url)
+        except OSError:
+            time.sleep(0.05)  # polling a child's port: there is no event to wait on
+    process.kill()
+    raise RuntimeError(f"server did not listen on port {port} within 15 s")
+
+
+def spawn_server(calls: int = 0, cpu: int | None = None, extra: Sequence[str] = ()) -> Spawned:
+    """``python -m signal_srv`` on a free port, quiet, with room for ``calls`` calls."""
+    raise_nofile(max(4 * calls + 1024, 4096))
+    known = server_options()
+    port = free_port()
+    argv = [sys.executable, "-m", "signal_srv", f"--port={port}", "--address=127.0.0.1", "--log_level=warning",
+            f"--max_calls={max(100000, 4 * calls)}"]
+    argv += [f"--{name}={value}" for name, value in GENEROUS_LIMITS.items() if name in known]
+    return spawn(argv + list(extra), port, cpu)
+
+
+# Command line ------------------------------------------------------------------------------
+
+
+def format_table(result: StressResult, options: StressOptions) -> str:
+    d = result.to_dict()
+    lines = [
+        f"signal-srv-stress: {'OK' if result.ok else 'FAILED'}  ({options.calls} calls, "
+        f"{options.candidates} candidates each way, {options.end_fraction:.0%} ended mid-run, {d['elapsed']:.1f} s)",
+        f"  calls      ok {d['calls_ok']}  failed {d['calls_failed']}  unfinished {d['calls_unfinished']}  "
+        f"ended mid-run {d['ended_mid_run']}",
+        f"  messages   sent {d['sent']}  delivered {d['delivered']}  lost {d['lost']}  duplicated {d['duplicated']}  "
+        f"misrouted {d['misrouted']}  reordered {d['reordered']}",
+        f"  errors     unexpected errors {d['unexpected_errors']}  unexpected closes {d['unexpected_closes']}  "
+        f"seq gaps {d['seq_gaps']}",
+        f"  throughput {d['messages_per_s']} messages/s, {d['calls_per_s']} calls/s",
+        "  latency ms        n      p50      p95      p99      max",
+    ]
+    for name, p in d["latency_ms"].items():
+        lines.append(f"    {name:<10} {p['n']:>7} {p['p50']:>8.2f} {p['p95']:>8.2f} {p['p99']:>8.2f} {p['max']:>8.2f}")
+    lines += [f"  ! {text}" for text in result.failures]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="signal-srv-stress", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="server to test, e.g. http://127.0.0.1:8080 (default: spawn one)")
+    p.add_argument("--spawn", action="store_true", help="start a server on a free 127.0.0.1 port (the default)")
+    p.add_argument("--calls", type=int, default=StressOptions.calls, help="concurrent calls (default %(default)s)")
+    p.add_argument("--candidates", type=int, default=StressOptions.candidates,
+                   help="candidates each way per call (default %(default)s)")
+    p.add_argument("--end-fraction", type=float, default=StressOptions.end_fraction,
+                   help="fraction of calls ended mid-run (default %(default)s)")
+    p.add_argument("--duration", type=float, default=StressOptions.duration,
+                   help="cap on the whole run, seconds (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=StressOptions.timeout,
+                   help="cap on every single wait, seconds (default %(default)s)")
+    p.add_argument("--seed", type=int, help="seed choosing the calls ended mid-run")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    args = p.parse_args(argv)
+    if args.url and args.spawn:
+        p.error("--url and --spawn exclude each other")
+    if args.calls < 1 or args.candidates < 0 or not 0 <= args.end_fraction <= 1 or args.duration <= 0:
+        p.error("need --calls >= 1, --candidates >= 0, 0 <= --end-fraction <= 1, --duration > 0")
+    return args
+
+
+def _progress_line(run: _Run) -> None:
+    r = run.result
+    errors = r.lost + r.duplicated + r.misrouted + r.reordered + r.unexpected_errors + r.unexpected_closes
+    sys.stdout.write(f"\r  sockets connected {run.connected}/{2 * run.options.calls}  relayed {r.delivered}/{r.sent}"
+                     f"  calls done {r.calls_ok + r.calls_failed}  errors {errors}   ")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: exit 0 on exact delivery, 1 on any fault."""
+    args = parse_args(argv)
+    options = StressOptions(calls=args.calls, candidates=args.candidates, end_fraction=args.end_fraction,
+                            duration=args.duration, timeout=args.timeout, seed=args.seed)
+    raise_nofile(4 * options.calls + 1024)
+    server = None if args.url else spawn_server(options.calls)
+    try:
+        url = args.url or server.base_url  # type: ignore[union-attr]
+        live = _progress_line if sys.stdout.isatty() and not args.json else None
+        result = asyncio.run(run_stress(url, options, live))
+    finally:
+        if server is not None:
+            server.stop()
+    if live:
+        sys.stdout.write("\n")
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result, options))
+    raise SystemExit(0 if result.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -103,15 +103,15 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """
     parser = option_parser()
     args = list(argv[1:])
+    if "--help" in args or "-h" in args:
+        parser.print_help(sys.stdout)
+        raise SystemExit(0)
     env = _env_args(parser, environ)
     conf = _last_value("conf", env + args)
     if conf:
         _apply_file(parser, conf)
     for source, arg in [("environment", a) for a in env] + [("command line", a) for a in args]:
         _apply_arg(parser, arg, source)
-    if parser.help:
-        parser.print_help(sys.stdout)
-        raise SystemExit(0)
     values = {name: value for name, value in parser.as_dict().items() if name != "help"}
     values["allowed_origins"] = tuple(values["allowed_origins"])
     return _checked(Config(**values))
@@ -160,15 +160,24 @@ def _apply_file(parser: OptionParser, path: str) -> None:
         raise ConfigError(f"conf: cannot read {path!r}: {exc.strerror}") from None
     except Exception as exc:
         raise ConfigError(f"conf: {path!r} is not a valid conf file: {exc}") from None
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     for name, value in namespace.items():
         if name.startswith("_") or isinstance(value, types.ModuleType):
             continue
-        if name.replace("-", "_") not in parser or name == "help":
+        if name not in defaults or name == "conf":
             raise ConfigError(f"conf: {path!r} sets unknown option {name!r}")
-    try:
-        parser.parse_config_file(path, final=False)
-    except (OptionsError, ValueError, TypeError) as exc:
-        raise ConfigError(f"conf: {path!r}: {exc}") from None
+        default = defaults[name]
+        if isinstance(value, str) and not isinstance(default, str):
+            _apply_arg(parser, f"--{name}={value}", f"conf file {path!r}")
+            continue
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(default, tuple) and isinstance(value, (list, tuple)):
+            value = list(value)
+        try:
+            setattr(parser, name, value)
+        except OptionsError as exc:
+            raise ConfigError(f"conf: {path!r}: {exc}") from None
 
 
 def _require(ok: bool, name: str, value: Any, rule: str) -> None:

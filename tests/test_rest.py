@@ -227,3 +227,15 @@ async def test_expired_calls_never_block_new_ones(client: SignalingClient, regis
     for call in old:
         await registry.wait_ended(call["call_id"], TIMEOUT)
     assert (await client.create_call())["status"] == "waiting"
+
+
+@pytest.mark.settings(call_ttl=0.2, cleanup_interval=0.05)
+async def test_nothing_piles_up_with_the_periodic_sweep_running(client: SignalingClient, registry: Registry) -> None:
+    registry.start_sweeping(0.05)
+    calls = [await client.create_call() for _ in range(30)]
+    assert await registry.sweep() == 0  # nothing is overdue yet: the sweep leaves live calls alone
+    for call in calls:
+        await registry.wait_ended(call["call_id"], TIMEOUT)
+    stats = registry.statistics()
+    assert (stats.calls, stats.waiting, stats.active, stats.ended) == (0, 0, 0, {"expired": 30})
+    assert stats.sweeps >= 1

@@ -1,0 +1,107 @@
+"""Configuration: precedence, the shipped conf files, and start-up failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from signal_srv.config import Config, load_config
+from signal_srv.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_defaults_need_no_file() -> None:
+    config = load_config(["signal-srv"], {})
+    assert (config.address, config.port, config.call_ttl, config.cleanup_interval) == ("127.0.0.1", 8080, 3600.0, 10800.0)
+    assert (config.max_participants, config.max_calls, config.list_calls) == (2, 100000, "public")
+
+
+def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
+    conf = tmp_path / "a.conf"
+    conf.write_text("port = 7000\ncall_ttl = 60\nmax_calls = 5\n")
+    env = {"SIGNAL_SRV_PORT": "8000", "SIGNAL_SRV_CALL_TTL": "30"}
+    config = load_config(["signal-srv", f"--conf={conf}", "--port=9000"], env)
+    assert (config.port, config.call_ttl, config.max_calls, config.list_calls) == (9000, 30.0, 5, "public")
+
+
+def test_conf_file_can_come_from_the_environment(tmp_path: Path) -> None:
+    conf = tmp_path / "a.conf"
+    conf.write_text("list_calls = 'off'\n")
+    assert load_config(["signal-srv"], {"SIGNAL_SRV_CONF": str(conf)}).list_calls == "off"
+
+
+def test_dev_conf_documents_every_option_at_its_default() -> None:
+    text = (ROOT / "conf" / "dev.conf").read_text()
+    config = load_config(["signal-srv", f"--conf={ROOT / 'conf' / 'dev.conf'}"], {})
+    assert dataclasses.replace(config, conf="") == Config()
+    for field in dataclasses.fields(Config):
+        if field.name != "conf":
+            assert f"\n{field.name} = " in text, f"conf/dev.conf lacks {field.name}"
+
+
+def test_prod_conf_loads() -> None:
+    config = load_config(["signal-srv", f"--conf={ROOT / 'conf' / 'prod.conf'}"], {})
+    assert config.list_calls == "off" and config.xheaders is True and len(config.ice_server_list) == 2
+
+
+@pytest.mark.parametrize(("argv", "env", "conf", "message"), [
+    (["--port=70000"], {}, None, "port=70000: must be between 0 and 65535"),
+    (["--port=http"], {}, None, "--port on the command line"),
+    (["--call_ttl=-5"], {}, None, "call_ttl=-5.0: must be a number of seconds > 0"),
+    (["--call_ttl=nan"], {}, None, "call_ttl=nan: must be a number of seconds > 0"),
+    (["--cleanup_interval=0"], {}, None, "cleanup_interval=0.0"),
+    (["--list_calls=private"], {}, None, "list_calls='private': must be 'public' or 'off'"),
+    (["--log_level=loud"], {}, None, "log_level='loud'"),
+    (["--max_participants=3000"], {}, None, "max_participants=3000"),
+    (["--ice_servers=[1]"], {}, None, "ice_servers='[1]'"),
+    (["--max_message_size=65536", "--ws_write_buffer_limit=1000"], {}, None, "ws_write_buffer_limit=1000"),
+    (["--bogus=1"], {}, None, "unknown option --bogus"),
+    (["stray"], {}, None, "unexpected argument 'stray'"),
+    ([], {"SIGNAL_SRV_BOGUS": "1"}, None, "SIGNAL_SRV_BOGUS: unknown option 'bogus'"),
+    ([], {"SIGNAL_SRV_PORT": "x"}, None, "--port on the environment"),
+    (["--conf=/does/not/exist.conf"], {}, None, "cannot read '/does/not/exist.conf'"),
+    ([], {}, "bogus_option = 1\n", "sets unknown option 'bogus_option'"),
+    ([], {}, "port = (\n", "is not a valid conf file"),
+    ([], {}, "port = 'eighty'\n", "--port on the conf file"),
+    ([], {}, "call_ttl = -1\n", "call_ttl=-1"),
+])
+def test_bad_values_fail_at_load_with_a_clear_message(
+    tmp_path: Path, argv: list[str], env: dict[str, str], conf: str | None, message: str
+) -> None:
+    if conf is not None:
+        path = tmp_path / "bad.conf"
+        path.write_text(conf)
+        argv = [f"--conf={path}", *argv]
+    with pytest.raises(ConfigError) as info:
+        load_config(["signal-srv", *argv], env)
+    assert message in str(info.value)
+
+
+def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "signal_srv", *args], capture_output=True, text=True, timeout=30,
+        env={**os.environ, **(env or {})}, cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), [
+    (["--port=70000"], {}, "signal-srv: configuration error: port=70000: must be between 0 and 65535\n"),
+    (["--nope=1"], {}, "signal-srv: configuration error: unknown option --nope on the command line (see --help)\n"),
+    ([], {"SIGNAL_SRV_CALL_TTL": "-1"}, "signal-srv: configuration error: call_ttl=-1.0: must be a number of seconds > 0\n"),
+])
+def test_the_server_exits_2_with_one_line_before_listening(args: list[str], env: dict[str, str], expected: str) -> None:
+    result = run_server(*args, env=env)
+    assert (result.returncode, result.stderr, result.stdout) == (2, expected, "")
+
+
+def test_help_lists_the_options_and_exits_0() -> None:
+    result = run_server("--help")
+    assert result.returncode == 0
+    for name in ("--call-ttl", "--cleanup-interval", "--max-calls", "--list-calls", "--heartbeat-timeout"):
+        assert name in result.stdout

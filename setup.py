@@ -10,9 +10,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["signal_srv", "signal_srv.*"]),
     package_data={"signal_srv": ["static/*"]},
-    install_requires=["tornado>=6.4"],
+    install_requires=["tornado>=6.4", "prometheus_client>=0.17"],
     extras_require={
-        "test": ["pytest>=8", "pytest-tornasync>=0.6"],
+        "test": ["pytest>=8", "pytest-tornasync>=0.6", "time-machine>=2.10"],
     },
     entry_points={
         "console_scripts": [

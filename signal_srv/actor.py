@@ -28,12 +28,15 @@ from signal_srv.call import (
     Event,
     Expire,
     Join,
+    Receive,
     Send,
     Shutdown,
     Status,
     StatusChanged,
 )
 from signal_srv.errors import CallBusy, CallEnded, SignalError
+from signal_srv.messages import Relay
+from signal_srv.metrics import Metrics
 
 __all__ = ["CallActor", "CallSummary", "Envelope", "Joined", "Socket", "iso_time"]
 
@@ -114,8 +117,10 @@ class CallActor:
         on_status: Callable[[CallActor, Status, Status], None],
         heartbeat_interval: float = 20.0,
         heartbeat_timeout: float = 60.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.call = call
+        self._metrics = metrics if metrics is not None else Metrics()
         self.call_id = call.call_id
         self.order = order
         self.created_at = time.time()
@@ -280,7 +285,9 @@ class CallActor:
             self.log.debug("refused %s: %s", type(event).__name__, exc.code)
             self._refuse(envelope, exc)
             return
-        if envelope.socket is not None and isinstance(event, Connect):
+        if type(event) is Receive and type(event.message) is Relay:
+            self._metrics.relayed[event.message.type] += 1
+        elif envelope.socket is not None and isinstance(event, Connect):
             self._sockets[event.conn] = envelope.socket
         elif isinstance(event, Disconnect):
             self._sockets.pop(event.conn, None)
@@ -300,6 +307,7 @@ class CallActor:
             if not envelope.reply.done():
                 envelope.reply.set_exception(exc)
         elif envelope.socket is not None:
+            self._metrics.errors[exc.code] += 1
             envelope.socket.send(messages.to_json(messages.error(exc.code, exc.message)))
 
     def _carry_out(self, effects: list[Effect]) -> None:

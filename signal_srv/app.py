@@ -10,6 +10,8 @@ from typing import Any
 from tornado.web import Application, RequestHandler, StaticFileHandler
 
 from signal_srv.config import Config
+from signal_srv.limits import Limits
+from signal_srv.metrics import Metrics
 from signal_srv.registry import Registry
 from signal_srv.rest import (
     CallHandler,
@@ -20,12 +22,13 @@ from signal_srv.rest import (
     HealthHandler,
     JoinHandler,
     LeaveHandler,
+    MetricsHandler,
     NotFoundHandler,
     ReadyHandler,
 )
 from signal_srv.ws import SignalingSocket
 
-__all__ = ["STATIC_DIR", "log_request", "make_app", "make_registry", "redact"]
+__all__ = ["STATIC_DIR", "make_app", "make_metrics_app", "make_registry", "redact"]
 
 access_log = logging.getLogger("signal_srv.access")
 
@@ -38,16 +41,20 @@ def redact(uri: str) -> str:
     return _SECRET_QUERY.sub(r"\1[redacted]", uri)
 
 
-def log_request(handler: RequestHandler) -> None:
+def _log_request(handler: RequestHandler) -> None:
     """Access log line without secrets: INFO, WARNING for 503 (overload), ERROR for other 5xx."""
     status = handler.get_status()
     request = handler.request
+    seconds = request.request_time()
     log = access_log.info if status < 500 else access_log.warning if status == 503 else access_log.error
-    log("%d %s %s (%s) %.2fms", status, request.method, redact(request.uri or ""),
-        request.remote_ip, 1000.0 * request.request_time())
+    log("%d %s %s (%s) %.2fms", status, request.method, redact(request.uri or ""), request.remote_ip, 1000.0 * seconds)
+    metrics = getattr(handler, "metrics", None)
+    if isinstance(metrics, Metrics):
+        metrics.request_seconds.labels(type(handler).__name__, request.method).observe(seconds)
 
 
 def make_registry(config: Config) -> Registry:
+    """A registry for ``config``, with its own ``Metrics``."""
     return Registry(
         call_ttl=config.call_ttl,
         max_calls=config.max_calls,
@@ -60,10 +67,18 @@ def make_registry(config: Config) -> Registry:
 
 
 def make_app(config: Config, registry: Registry | None = None) -> Application:
-    """The Tornado application; ``app.settings["registry"]`` is its call registry."""
+    """The Tornado application; ``app.settings["registry"]`` is its call registry.
+
+    ``/metrics`` is served here unless ``metrics_port`` asks for ``make_metrics_app``.
+    """
     if registry is None:
         registry = make_registry(config)
-    deps: dict[str, Any] = {"registry": registry, "config": config}
+    registry.metrics.watch(registry)
+    limits = Limits(
+        rate_create=config.rate_create, rate_create_burst=config.rate_create_burst,
+        rate_join=config.rate_join, rate_join_burst=config.rate_join_burst, max_sockets=config.max_sockets,
+    )
+    deps: dict[str, Any] = {"registry": registry, "config": config, "limits": limits, "metrics": registry.metrics}
     call = r"/apiv2/calls/([^/]+)"
     routes = [
         (r"/apiv2/calls", CallsHandler, deps),
@@ -76,6 +91,7 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         (r"/apiv2/ws", SignalingSocket, deps),
         (r"/healthz", HealthHandler, deps),
         (r"/readyz", ReadyHandler, deps),
+        *([] if config.metrics_port else [(r"/metrics", MetricsHandler, deps)]),
         (r"/()", StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
         (r"/([\w-]+\.(?:html|js|css|svg|ico))", StaticFileHandler, {"path": STATIC_DIR}),
     ]
@@ -84,6 +100,11 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         registry=registry,
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
-        log_function=log_request,
+        log_function=_log_request,
         websocket_max_message_size=config.max_message_size,
     )
+
+
+def make_metrics_app(registry: Registry) -> Application:
+    """``/metrics`` alone, for a separate, non-public ``metrics_port``."""
+    return Application([(r"/metrics", MetricsHandler, {"metrics": registry.metrics})], log_function=_log_request)

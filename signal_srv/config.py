@@ -51,6 +51,16 @@ class Config:
     ask_timeout: float = 5.0
     ice_servers: str = "[]"
     xheaders: bool = False
+    rate_create: float = 5.0
+    rate_create_burst: int = 20
+    rate_join: float = 10.0
+    rate_join_burst: int = 20
+    ws_rate: float = 50.0
+    ws_rate_burst: int = 200
+    max_sockets: int = 200000
+    shutdown_timeout: float = 10.0
+    metrics_port: int = 0
+    log_format: str = "text"
 
     @property
     def ice_server_list(self) -> list[dict[str, Any]]:
@@ -78,6 +88,16 @@ _HELP = {
     "ask_timeout": "seconds a request waits for its call to answer before 503 call_busy",
     "ice_servers": 'JSON list of RTCIceServer dicts for clients, e.g. [{"urls": "stun:stun.example.org"}]',
     "xheaders": "trust X-Forwarded-For / X-Real-IP / X-Scheme (only behind a reverse proxy)",
+    "rate_create": "calls one client IP may create per second, sustained (0: no limit)",
+    "rate_create_burst": "calls one client IP may create in a burst",
+    "rate_join": "joins one client IP may make per second, sustained (0: no limit)",
+    "rate_join_burst": "joins one client IP may make in a burst",
+    "ws_rate": "frames one socket may send per second, sustained (0: no limit)",
+    "ws_rate_burst": "frames one socket may send in a burst",
+    "max_sockets": "open signaling sockets in the process before new ones are closed with 1013",
+    "shutdown_timeout": "seconds a graceful shutdown may take before the process exits anyway",
+    "metrics_port": "serve /metrics on this port only (0: on the main port)",
+    "log_format": "'text' or 'json' (one JSON object per line, for log shippers)",
 }
 
 _TYPES = {bool: bool, int: int, float: float, str: str, tuple: str}
@@ -186,13 +206,20 @@ def _require(ok: bool, name: str, value: Any, rule: str) -> None:
 
 
 def _checked(c: Config) -> Config:
-    for name in ("call_ttl", "cleanup_interval", "heartbeat_interval", "heartbeat_timeout", "ask_timeout"):
+    for name in ("call_ttl", "cleanup_interval", "heartbeat_interval", "heartbeat_timeout", "ask_timeout",
+                 "shutdown_timeout"):
         value = getattr(c, name)
         _require(math.isfinite(value) and value > 0, name, value, "must be a number of seconds > 0")
     _require(0 <= c.port <= 65535, "port", c.port, "must be between 0 and 65535")
     _require(2 <= c.max_participants <= 16, "max_participants", c.max_participants, "must be between 2 and 16")
-    for name in ("max_calls", "ws_buffer_limit", "mailbox_size"):
+    for name in ("max_calls", "ws_buffer_limit", "mailbox_size", "max_sockets",
+                 "rate_create_burst", "rate_join_burst", "ws_rate_burst"):
         _require(getattr(c, name) >= 1, name, getattr(c, name), "must be at least 1")
+    for name in ("rate_create", "rate_join", "ws_rate"):
+        value = getattr(c, name)
+        _require(math.isfinite(value) and value >= 0, name, value, "must be a rate per second >= 0 (0: no limit)")
+    _require(0 <= c.metrics_port <= 65535, "metrics_port", c.metrics_port, "must be between 0 and 65535")
+    _require(c.log_format in ("text", "json"), "log_format", c.log_format, "must be 'text' or 'json'")
     _require(c.list_calls in ("public", "off"), "list_calls", c.list_calls, "must be 'public' or 'off'")
     _require(c.log_level in LOG_LEVELS, "log_level", c.log_level, "must be one of " + ", ".join(LOG_LEVELS))
     _require(c.max_message_size >= 1024, "max_message_size", c.max_message_size, "must be at least 1024 bytes")

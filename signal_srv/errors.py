@@ -14,6 +14,7 @@
     ├── BufferFull (409 buffer_full)
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
+    ├── RateLimited (429 rate_limited)
     ├── Capacity (503 capacity)
     └── CallBusy (503 call_busy)
 
@@ -36,6 +37,7 @@ __all__ = [
     "NoPeer",
     "NotFound",
     "PayloadTooLarge",
+    "RateLimited",
     "SignalError",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -107,6 +109,16 @@ class PayloadTooLarge(SignalError):
 
 class UnsupportedMediaType(SignalError):
     status, code, default_message = 415, "unsupported_media_type", "the body must be application/json"
+
+
+class RateLimited(SignalError):
+    """Too many requests from one client; ``retry_after`` says when to try again."""
+
+    status, code, default_message = 429, "rate_limited", "too many requests; slow down"
+
+    def __init__(self, message: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Capacity(SignalError):

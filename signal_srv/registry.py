@@ -23,6 +23,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from signal_srv.actor import CallActor, CallSummary, Joined
 from signal_srv.call import Call, Expire, Status
 from signal_srv.errors import CallBusy, CallEnded, CallNotFound, Capacity
+from signal_srv.metrics import Metrics
 
 __all__ = ["Registry", "Statistics", "new_id"]
 
@@ -68,8 +69,11 @@ class Registry:
         mailbox_size: int = 256,
         heartbeat_interval: float = 20.0,
         heartbeat_timeout: float = 60.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.call_ttl = call_ttl
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.closing = False
         self.max_calls = max_calls
         self.max_participants = max_participants
         self.hold_limit = hold_limit
@@ -93,6 +97,8 @@ class Registry:
 
     def create(self) -> Created:
         """Create a call with its host as first participant. Raises ``Capacity`` at ``max_calls``."""
+        if self.closing:
+            raise Capacity("the server is shutting down")
         if len(self._actors) >= self.max_calls:
             raise Capacity(f"{self.max_calls} calls are live; try again later")
         call_id = new_id()
@@ -107,6 +113,7 @@ class Registry:
         actor = CallActor(
             call, order=order, mailbox_size=self.mailbox_size, on_status=self._status_changed,
             heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
+            metrics=self.metrics,
         )
         peer_id, peer_token = new_id(), new_id()
         joined = actor.start(peer_id, peer_token)
@@ -213,8 +220,12 @@ class Registry:
             logger.info("sweep expired %d calls", told)
         return told
 
+    def max_inbox_depth(self) -> int:
+        return max((a.inbox_depth for a in self._actors.values()), default=0)
+
     async def close(self, timeout: float = 5.0) -> None:
         """End every call (sockets get ``server_shutdown`` and 1001) and wait for the actors."""
+        self.closing = True
         if self._sweeper is not None:
             self._sweeper.stop()
         actors = list(self._actors.values())

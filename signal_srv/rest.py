@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
+from tornado.ioloop import IOLoop
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from signal_srv import messages
@@ -18,10 +21,13 @@ from signal_srv.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     SignalError,
     Unauthorized,
     UnsupportedMediaType,
 )
+from signal_srv.limits import Limits, RateLimiter
+from signal_srv.metrics import Metrics
 from signal_srv.registry import Registry, new_id
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "HealthHandler",
     "JoinHandler",
     "LeaveHandler",
+    "MetricsHandler",
     "NotFoundHandler",
     "ReadyHandler",
 ]
@@ -58,10 +65,14 @@ class ApiHandler(RequestHandler):
 
     registry: Registry
     config: Config
+    limits: Limits
+    metrics: Metrics
 
-    def initialize(self, registry: Registry, config: Config) -> None:
+    def initialize(self, registry: Registry, config: Config, limits: Limits, metrics: Metrics) -> None:
         self.registry = registry
         self.config = config
+        self.limits = limits
+        self.metrics = metrics
         self._body = bytearray()
         self._too_large = False
 
@@ -110,9 +121,12 @@ class ApiHandler(RequestHandler):
             status, code, message = exc.status_code, _HTTP_CODES[exc.status_code], self._reason
         else:
             status, code, message = 500, "internal_error", "internal error; see the server log"
+        self.metrics.errors[code] += 1
         self.clear()
         self.set_default_headers()
-        if status in RETRY_AFTER:
+        if isinstance(exc, RateLimited):
+            self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
+        elif status in RETRY_AFTER:
             self.set_header("Retry-After", RETRY_AFTER[status])
         if status == 405:
             self.set_header("Allow", ", ".join(_allowed_methods(type(self))))
@@ -124,6 +138,13 @@ class ApiHandler(RequestHandler):
             logger.debug("%s %s: %s", self.request.method, self.request.path, value)
         else:
             super().log_exception(typ, value, tb)
+
+    def check_rate(self, limiter: RateLimiter, name: str) -> None:
+        """Refuse with 429 when this client IP is over ``limiter``'s rate."""
+        wait = limiter.take(self.request.remote_ip or "", IOLoop.current().time())
+        if wait:
+            self.metrics.rate_limited[name] += 1
+            raise RateLimited(f"too many {name} requests from your address; retry in {wait:.1f} s", wait)
 
     def bearer_token(self) -> str:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
@@ -147,6 +168,7 @@ class CallsHandler(ApiHandler):
 
     def post(self) -> None:
         self.json_body()
+        self.check_rate(self.limits.create, "create")
         if self._flag("reuse_last"):
             newest = self.registry.newest_waiting()
             if newest is not None:
@@ -195,6 +217,7 @@ class JoinHandler(ApiHandler):
 
     async def post(self, call_id: str) -> None:
         self.json_body()
+        self.check_rate(self.limits.join, "join")
         actor = self.registry.get(call_id)
         peer_id, token = new_id(), new_id()
         joined: Joined = await actor.ask(Join(peer_id, token), self.config.ask_timeout)
@@ -237,14 +260,25 @@ class HealthHandler(ApiHandler):
 
 
 class ReadyHandler(ApiHandler):
-    """``GET /readyz``: 200 while new calls are accepted, 503 at capacity."""
+    """``GET /readyz``: 200 while new calls are accepted, 503 at capacity or shutting down."""
 
     def get(self) -> None:
-        if len(self.registry) >= self.registry.max_calls:
+        if self.registry.closing or len(self.registry) >= self.registry.max_calls:
             self.set_header("Retry-After", "1")
-            self.reply(503, {"status": "at_capacity"})
+            self.reply(503, {"status": "shutting_down" if self.registry.closing else "at_capacity"})
         else:
             self.reply(200, {"status": "ready"})
+
+
+class MetricsHandler(RequestHandler):
+    """``GET /metrics`` in the Prometheus text format."""
+
+    def initialize(self, metrics: Metrics, **_: Any) -> None:
+        self.metrics = metrics
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.metrics.render())
 
 
 class NotFoundHandler(ApiHandler):

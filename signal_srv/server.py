@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -10,12 +11,14 @@ import sys
 from typing import Sequence
 
 from tornado.httpserver import HTTPServer
+from tornado.web import Application
 
-from signal_srv.app import make_app
+from signal_srv.app import make_app, make_metrics_app
 from signal_srv.config import Config, load_config
 from signal_srv.errors import ConfigError
+from signal_srv.registry import Registry
 
-__all__ = ["main", "serve"]
+__all__ = ["JsonFormatter", "main", "make_server", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,31 +26,76 @@ logger = logging.getLogger(__name__)
 BODY_BACKSTOP = 1024
 
 
+def make_server(app: Application, config: Config) -> HTTPServer:
+    """The HTTP server for ``app``, with the proxy and body-size settings of ``config``."""
+    return HTTPServer(app, xheaders=config.xheaders, max_body_size=config.max_body_size + BODY_BACKSTOP)
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     """Listen and serve until ``stop`` is set (or SIGTERM/SIGINT), then shut down cleanly."""
     stop = stop or asyncio.Event()
     app = make_app(config)
-    registry = app.settings["registry"]
-    server = HTTPServer(app, xheaders=config.xheaders, max_body_size=config.max_body_size + BODY_BACKSTOP)
-    sockets = server.listen(config.port, config.address) or []
+    registry: Registry = app.settings["registry"]
+    servers = [make_server(app, config)]
+    servers[0].listen(config.port, config.address)
+    if config.metrics_port:
+        servers.append(HTTPServer(make_metrics_app(registry)))
+        servers[1].listen(config.metrics_port, config.address)
     registry.start_sweeping(config.cleanup_interval)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    logger.info("signal_srv listening on http://%s:%d/", config.address, _bound_port(server, config))
+    logger.info("signal_srv listening on http://%s:%d/", config.address, _bound_port(servers[0]))
     await stop.wait()
     logger.info("signal_srv stopping: %d live calls", len(registry))
-    server.stop()
-    await registry.close()
-    await server.close_all_connections()
+    try:
+        await asyncio.wait_for(_shut_down(servers, registry, config.shutdown_timeout), config.shutdown_timeout)
+    except TimeoutError:
+        logger.warning("shutdown took longer than %.1f s; exiting anyway", config.shutdown_timeout)
     logger.info("signal_srv stopped")
-    del sockets
 
 
-def _bound_port(server: HTTPServer, config: Config) -> int:
+async def _shut_down(servers: list[HTTPServer], registry: Registry, timeout: float) -> None:
+    for server in servers:
+        server.stop()
+    await registry.close(timeout)
+    for server in servers:
+        await server.close_all_connections()
+
+
+def _bound_port(server: HTTPServer) -> int:
     for sock in server._sockets.values():  # type: ignore[attr-defined]
         return int(sock.getsockname()[1])
-    return config.port
+    return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with ``call_id`` when the record carries one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("call_id", "peer_id"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(config.log_level.upper())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -57,8 +105,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         sys.stderr.write(f"signal-srv: configuration error: {exc}\n")
         raise SystemExit(2) from None
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(config)
     asyncio.run(serve(config))

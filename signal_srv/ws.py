@@ -11,6 +11,7 @@ import logging
 from asyncio import Future
 from typing import Any
 
+from tornado.ioloop import IOLoop
 from tornado.iostream import StreamBufferFullError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
@@ -19,6 +20,8 @@ from signal_srv.actor import CallActor
 from signal_srv.call import Connect, Disconnect, Receive
 from signal_srv.config import Config
 from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unauthorized
+from signal_srv.limits import Limits, TokenBucket
+from signal_srv.metrics import Metrics
 from signal_srv.registry import Registry
 
 __all__ = ["SignalingSocket"]
@@ -27,11 +30,15 @@ logger = logging.getLogger(__name__)
 
 # RFC 6455 section 7.4.1 codes, and the application codes documented in the README.
 UNSUPPORTED_DATA = 1003
+POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 BAD_QUERY = 4400
 UNAUTHORIZED = 4401
 CALL_NOT_FOUND = 4404
+
+# Frames refused by the rate limit, in a row, before the socket is closed with 1008.
+RATE_STRIKES = 10
 
 
 def _retrieve(future: Future[None]) -> None:
@@ -43,12 +50,17 @@ def _retrieve(future: Future[None]) -> None:
 class SignalingSocket(WebSocketHandler):
     """``GET /apiv2/ws?call_id=&peer_id=&token=``: one participant's signaling socket."""
 
-    def initialize(self, registry: Registry, config: Config) -> None:
+    def initialize(self, registry: Registry, config: Config, limits: Limits, metrics: Metrics) -> None:
         self.registry = registry
         self.config = config
+        self.limits = limits
+        self.metrics = metrics
         self.conn = id(self)
         self.awaiting_pong_since: float | None = None
         self._actor: CallActor | None = None
+        self._counted = False
+        self._rate: TokenBucket | None = None
+        self._strikes = 0
 
     def check_origin(self, origin: str) -> bool:
         allowed = self.config.allowed_origins
@@ -60,6 +72,14 @@ class SignalingSocket(WebSocketHandler):
     async def open(self, *args: Any, **kwargs: Any) -> None:
         assert self.ws_connection is not None
         self.ws_connection.stream.max_write_buffer_size = self.config.ws_write_buffer_limit  # type: ignore[attr-defined]
+        if self.metrics.sockets >= self.limits.max_sockets or self.registry.closing:
+            self.close(TRY_AGAIN_LATER, "server busy")
+            return
+        self.metrics.sockets += 1
+        self._counted = True
+        if self.config.ws_rate > 0:
+            now = IOLoop.current().time()
+            self._rate = TokenBucket.full(self.config.ws_rate, self.config.ws_rate_burst, now)
         call_id = self.get_query_argument("call_id", "")
         peer_id = self.get_query_argument("peer_id", "")
         token = self.get_query_argument("token", "")
@@ -113,10 +133,12 @@ class SignalingSocket(WebSocketHandler):
         if isinstance(message, bytes):
             self.close(UNSUPPORTED_DATA, "binary frames are not accepted")
             return
+        if self._over_rate():
+            return
         try:
             parsed = messages.parse(message, self.config.max_message_size)
         except SignalError as exc:
-            self.send(messages.to_json(messages.error(exc.code, exc.message)))
+            self._send_error(exc.code, exc.message)
             return
         if self._actor is not None:
             try:
@@ -124,7 +146,29 @@ class SignalingSocket(WebSocketHandler):
             except CallEnded:
                 pass  # the actor closes this socket as it stops
 
+    def _over_rate(self) -> bool:
+        if self._rate is None:
+            return False
+        wait = self._rate.take(IOLoop.current().time())
+        if not wait:
+            self._strikes = 0
+            return False
+        self.metrics.rate_limited["ws"] += 1
+        self._strikes += 1
+        if self._strikes >= RATE_STRIKES:
+            self.close(POLICY_VIOLATION, "rate limit exceeded")
+        else:
+            self._send_error("rate_limited", f"more than {self.config.ws_rate:g} frames per second; retry in {wait:.2f} s")
+        return True
+
+    def _send_error(self, code: str, message: str) -> None:
+        self.metrics.errors[code] += 1
+        self.send(messages.to_json(messages.error(code, message)))
+
     def on_close(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.metrics.sockets -= 1
         actor, self._actor = self._actor, None
         if actor is None:
             return

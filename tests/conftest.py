@@ -9,6 +9,7 @@ import re
 from typing import Any, Iterator
 
 import pytest
+from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.web import Application
 
@@ -16,6 +17,7 @@ from signal_srv.app import make_app, make_registry
 from signal_srv.client import SignalingClient
 from signal_srv.config import Config
 from signal_srv.registry import Registry
+from signal_srv.server import make_server
 
 # One timeout for every wait in the tests; scale it on slow machines.
 TIMEOUT = 5.0 * float(os.environ.get("SIGNAL_SRV_TEST_TIMEOUT_SCALE", "1"))
@@ -24,7 +26,7 @@ TIMEOUT = 5.0 * float(os.environ.get("SIGNAL_SRV_TEST_TIMEOUT_SCALE", "1"))
 @pytest.fixture
 def config(request: pytest.FixtureRequest) -> Config:
     """Test defaults (short heartbeats), overridden with ``@pytest.mark.settings(...)``."""
-    options: dict[str, Any] = {"port": 0}
+    options: dict[str, Any] = {"port": 0, "rate_create": 0.0, "rate_join": 0.0, "ws_rate": 0.0}
     for marker in reversed(list(request.node.iter_markers("settings"))):
         options.update(marker.kwargs)
     return dataclasses.replace(Config(), **options)
@@ -40,6 +42,16 @@ def registry(config: Config, io_loop: IOLoop) -> Iterator[Registry]:
 @pytest.fixture
 def app(config: Config, registry: Registry) -> Application:
     return make_app(config, registry)
+
+
+@pytest.fixture
+def http_server(app: Application, config: Config, io_loop: IOLoop, http_server_port: tuple[Any, int]) -> Iterator[HTTPServer]:
+    """The app behind the same HTTP server settings as production (replaces the plugin's)."""
+    server = make_server(app, config)
+    server.add_socket(http_server_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=TIMEOUT)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Protocol
 
-from tornado.ioloop import IOLoop
 from tornado.queues import Queue, QueueFull
 
 from signal_srv import messages
@@ -130,8 +129,7 @@ class CallActor:
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
         self._alive = True
-        self._loop = IOLoop.current()
-        self._pinged_at = self._loop.time()
+        self._pinged_at = time.monotonic()
         self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self.log = logging.LoggerAdapter(logger, {"call_id": self.call_id})
 
@@ -153,7 +151,7 @@ class CallActor:
         """A consistent snapshot: it runs between two events, never in the middle of one."""
         call = self.call
         deadline = call.deadline()
-        expires = None if deadline is None else time.time() + (deadline - self._loop.time())
+        expires = None if deadline is None else time.time() + (deadline - time.monotonic())
         return CallSummary(
             call.call_id, call.status.value, len(call.participants), call.max_participants,
             self.created_at, expires,
@@ -161,7 +159,7 @@ class CallActor:
 
     def start(self, peer_id: str, peer_token: str) -> Joined:
         """Seat the host; called once, before ``run`` starts."""
-        self.call.handle(Join(peer_id, peer_token), self._loop.time())
+        self.call.handle(Join(peer_id, peer_token), time.monotonic())
         return self._result(Join(peer_id, peer_token))
 
     def overdue(self, now: float) -> bool:
@@ -228,14 +226,14 @@ class CallActor:
         wake = self._wake_time()
         if self._queue.qsize():
             # A steady stream of envelopes must not starve the timers.
-            if wake is not None and self._loop.time() >= wake:
+            if wake is not None and time.monotonic() >= wake:
                 return None
             return self._queue.get_nowait()
         if wake is None:
             return await self._queue.get()
         try:
-            # A number is an absolute IOLoop.time() deadline for tornado.queues.
-            return await self._queue.get(timeout=wake)
+            # A relative timedelta: a number would be a wall-clock (IOLoop.time()) deadline.
+            return await self._queue.get(timeout=timedelta(seconds=max(0.0, wake - time.monotonic())))
         except TimeoutError:
             return None
 
@@ -246,7 +244,7 @@ class CallActor:
         return min(deadline, heartbeat)
 
     def _on_timer(self) -> None:
-        now = self._loop.time()
+        now = time.monotonic()
         heartbeat = self._heartbeat_due()
         if heartbeat is not None and now >= heartbeat:
             self._heartbeat(now)
@@ -280,7 +278,7 @@ class CallActor:
     def _process(self, envelope: Envelope) -> None:
         event = envelope.event
         try:
-            effects = self.call.handle(event, self._loop.time())
+            effects = self.call.handle(event, time.monotonic())
         except SignalError as exc:
             self.log.debug("refused %s: %s", type(event).__name__, exc.code)
             self._refuse(envelope, exc)
@@ -328,7 +326,7 @@ class CallActor:
             self._alive = False
             self.log.info(
                 "call %s ended (%s) after %.1f s", self.call_id, effect.reason,
-                self._loop.time() - self.call.created,
+                time.monotonic() - self.call.created,
             )
         else:
             self.log.info("call %s is %s", self.call_id, effect.new.value)

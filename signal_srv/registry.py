@@ -12,13 +12,12 @@ import heapq
 import itertools
 import logging
 import secrets
+import time
 from bisect import bisect_left, insort
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Awaitable, Iterator
 
-from tornado.ioloop import IOLoop, PeriodicCallback
 
 from signal_srv.actor import CallActor, CallSummary, Joined
 from signal_srv.call import Call, Expire, Status
@@ -88,7 +87,7 @@ class Registry:
         self._created = 0
         self._ended: Counter[str] = Counter()
         self._sweeps = 0
-        self._sweeper: PeriodicCallback | None = None
+        self._sweeper: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
         return len(self._actors)
@@ -104,7 +103,7 @@ class Registry:
         call_id = new_id()
         while call_id in self._actors:
             call_id = new_id()
-        now = IOLoop.current().time()
+        now = time.monotonic()
         call = Call(
             call_id, now, ttl=self.call_ttl,
             max_participants=self.max_participants, hold_limit=self.hold_limit,
@@ -193,8 +192,17 @@ class Registry:
     # Reaping ---------------------------------------------------------------------------
 
     def start_sweeping(self, interval: float) -> None:
-        self._sweeper = PeriodicCallback(self.sweep, timedelta(seconds=interval))
-        self._sweeper.start()
+        """Sweep every ``interval`` seconds, on the monotonic clock.
+
+        Not a ``PeriodicCallback``: that schedules on ``IOLoop.time()``, the wall clock, so a
+        clock set back would postpone the sweeps.
+        """
+        self._sweeper = asyncio.ensure_future(self._sweep_every(interval))
+
+    async def _sweep_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.sweep()
 
     async def sweep(self) -> int:
         """Tell every call whose deadline has passed to expire; return how many were told.
@@ -202,11 +210,10 @@ class Registry:
         Yields to the event loop every ``SWEEP_BATCH`` calls, so a large registry never
         blocks the loop for long.
         """
-        loop = IOLoop.current()
         told = 0
         actors = list(self._actors.values())
         for start in range(0, len(actors), SWEEP_BATCH):
-            now = loop.time()
+            now = time.monotonic()
             for actor in actors[start:start + SWEEP_BATCH]:
                 if actor.overdue(now):
                     try:
@@ -227,7 +234,7 @@ class Registry:
         """End every call (sockets get ``server_shutdown`` and 1001) and wait for the actors."""
         self.closing = True
         if self._sweeper is not None:
-            self._sweeper.stop()
+            self._sweeper.cancel()
         actors = list(self._actors.values())
         await asyncio.gather(*(a.shutdown() for a in actors), return_exceptions=True)
         if self._tasks:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from tornado.ioloop import IOLoop
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from signal_srv import messages
@@ -141,7 +141,7 @@ class ApiHandler(RequestHandler):
 
     def check_rate(self, limiter: RateLimiter, name: str) -> None:
         """Refuse with 429 when this client IP is over ``limiter``'s rate."""
-        wait = limiter.take(self.request.remote_ip or "", IOLoop.current().time())
+        wait = limiter.take(self.request.remote_ip or "", time.monotonic())
         if wait:
             self.metrics.rate_limited[name] += 1
             raise RateLimited(f"too many {name} requests from your address; retry in {wait:.1f} s", wait)

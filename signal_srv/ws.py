@@ -8,10 +8,10 @@ token, 4404 no such call, 4409 replaced by a newer socket of the same participan
 from __future__ import annotations
 
 import logging
+import time
 from asyncio import Future
 from typing import Any
 
-from tornado.ioloop import IOLoop
 from tornado.iostream import StreamBufferFullError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
@@ -78,7 +78,7 @@ class SignalingSocket(WebSocketHandler):
         self.metrics.sockets += 1
         self._counted = True
         if self.config.ws_rate > 0:
-            now = IOLoop.current().time()
+            now = time.monotonic()
             self._rate = TokenBucket.full(self.config.ws_rate, self.config.ws_rate_burst, now)
         call_id = self.get_query_argument("call_id", "")
         peer_id = self.get_query_argument("peer_id", "")
@@ -149,7 +149,7 @@ class SignalingSocket(WebSocketHandler):
     def _over_rate(self) -> bool:
         if self._rate is None:
             return False
-        wait = self._rate.take(IOLoop.current().time())
+        wait = self._rate.take(time.monotonic())
         if not wait:
             self._strikes = 0
             return False

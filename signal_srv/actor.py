@@ -26,7 +26,9 @@ from signal_srv.call import (
     Effect,
     Event,
     Expire,
+    Identify,
     Join,
+    Notify,
     Receive,
     Send,
     Shutdown,
@@ -117,8 +119,10 @@ class CallActor:
         heartbeat_interval: float = 20.0,
         heartbeat_timeout: float = 60.0,
         metrics: Metrics | None = None,
+        on_notify: Callable[[CallActor, Notify], None] | None = None,
     ) -> None:
         self.call = call
+        self._on_notify = on_notify
         self._metrics = metrics if metrics is not None else Metrics()
         self.call_id = call.call_id
         self.order = order
@@ -150,7 +154,7 @@ class CallActor:
     def summary(self) -> CallSummary:
         """A consistent snapshot: it runs between two events, never in the middle of one."""
         call = self.call
-        deadline = call.deadline()
+        deadline = call.expires_at()
         expires = None if deadline is None else time.time() + (deadline - time.monotonic())
         return CallSummary(
             call.call_id, call.status.value, len(call.participants), call.max_participants,
@@ -293,7 +297,9 @@ class CallActor:
             envelope.reply.set_result(self._result(event))
         self._carry_out(effects)
 
-    def _result(self, event: Event) -> CallSummary | Joined:
+    def _result(self, event: Event) -> CallSummary | Joined | str:
+        if isinstance(event, Identify):
+            return self.call.authenticate(event.token).peer_id
         summary = self.summary()
         if isinstance(event, Join):
             joiner = self.call.participant(event.peer_id)
@@ -313,13 +319,21 @@ class CallActor:
             if type(effect) is Send:
                 socket = self._sockets.get(effect.conn)
                 if socket is not None:
-                    socket.send(messages.to_json(effect.message))
+                    socket.send(effect.text)
             elif type(effect) is Close:
                 socket = self._sockets.pop(effect.conn, None)
                 if socket is not None:
                     socket.close(effect.code, effect.reason)
             elif type(effect) is StatusChanged:
                 self._status_changed(effect)
+            elif type(effect) is Notify:
+                self._notify(effect)
+
+    def _notify(self, effect: Notify) -> None:
+        if effect.peer_id is not None:
+            self.log.info("call %s: %s %s (%s)", self.call_id, effect.event, effect.peer_id, effect.reason or "-")
+        if self._on_notify is not None:
+            self._on_notify(self, effect)
 
     def _status_changed(self, effect: StatusChanged) -> None:
         if effect.new is Status.ENDED:

@@ -9,6 +9,7 @@ from typing import Any
 
 from tornado.web import Application, RequestHandler, StaticFileHandler
 
+from signal_srv.call import CallRules
 from signal_srv.config import Config
 from signal_srv.limits import Limits
 from signal_srv.metrics import Metrics
@@ -55,11 +56,19 @@ def _log_request(handler: RequestHandler) -> None:
 
 def make_registry(config: Config) -> Registry:
     """A registry for ``config``, with its own ``Metrics``."""
-    return Registry(
-        call_ttl=config.call_ttl,
-        max_calls=config.max_calls,
+    rules = CallRules(
+        ttl=config.call_ttl,
+        unclaimed_ttl=config.unclaimed_ttl,
+        departure_timeout=config.departure_timeout,
+        max_duration=config.max_call_duration,
         max_participants=config.max_participants,
         hold_limit=config.ws_buffer_limit,
+        resume_limit=config.resume_buffer,
+        resume_bytes=config.resume_buffer_bytes,
+    )
+    return Registry(
+        rules,
+        max_calls=config.max_calls,
         mailbox_size=config.mailbox_size,
         heartbeat_interval=config.heartbeat_interval,
         heartbeat_timeout=config.heartbeat_timeout,

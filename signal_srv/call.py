@@ -8,9 +8,17 @@ Rules:
 - A relayed message goes to every other participant, never to the sender: at once to a
   connected socket, or held in order (up to ``hold_limit``) for one that has joined but is
   not connected, and delivered when it connects.
-- Every frame sent to a participant carries ``seq``, increasing by one per participant.
-- The inactivity TTL runs only while no participant has a connected socket: a live call
-  whose sockets answer heartbeats never expires.
+- Every frame sent to a participant carries ``seq``, increasing by one per participant and
+  continuing across its reconnects. The last frames sent are kept (``resume_limit``,
+  ``resume_bytes``) so that a socket reconnecting with ``last_seq`` gets what it missed.
+- Timers, all on one monotonic deadline (``Call.deadline``):
+  - ``ttl``: runs only while no participant has a connected socket and nothing happens,
+    so a live call whose sockets answer heartbeats never expires (reason ``expired``);
+  - ``unclaimed_ttl``: a call that nobody joined and whose host never connected
+    (``unclaimed``);
+  - ``departure_timeout``: once the call is claimed, a participant without a connected
+    socket for this long leaves (``state`` with ``event: left, reason: timeout``);
+  - ``max_duration`` (0: none): a hard cap (``max_duration``).
 
 ``Call.handle(event, now)`` validates first and raises a ``SignalError`` without changing
 anything, or changes the call and returns the effects for the actor to carry out.
@@ -25,19 +33,13 @@ from enum import Enum
 from typing import Any, Union
 
 from signal_srv import messages
-from signal_srv.errors import (
-    BufferFull,
-    CallEnded,
-    CallFull,
-    NoPeer,
-    SignalError,
-    Unauthorized,
-)
+from signal_srv.errors import BufferFull, CallEnded, CallFull, NoPeer, Unauthorized
 from signal_srv.messages import Ping, Relay
 
 __all__ = [
     "TRANSITIONS",
     "Call",
+    "CallRules",
     "Close",
     "Connect",
     "Disconnect",
@@ -45,8 +47,10 @@ __all__ = [
     "End",
     "Event",
     "Expire",
+    "Identify",
     "Join",
     "Leave",
+    "Notify",
     "Participant",
     "Receive",
     "Send",
@@ -61,6 +65,20 @@ class Status(str, Enum):
     WAITING = "waiting"
     ACTIVE = "active"
     ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRules:
+    """Limits and timeouts (seconds) shared by every call of a server."""
+
+    ttl: float = 3600.0
+    unclaimed_ttl: float = 300.0
+    departure_timeout: float = 60.0
+    max_duration: float = 0.0
+    max_participants: int = 2
+    hold_limit: int = 64
+    resume_limit: int = 64
+    resume_bytes: int = 262144
 
 
 # Events ------------------------------------------------------------------------------
@@ -87,6 +105,7 @@ class Connect:
     peer_id: str
     token: str
     conn: int
+    last_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +120,13 @@ class Receive:
 
 
 @dataclass(frozen=True, slots=True)
+class Identify:
+    """Which participant holds ``token``? (For requests that need a peer's identity.)"""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
 class Expire:
     """A deadline may have passed; the call checks which, if any."""
 
@@ -110,7 +136,7 @@ class Shutdown:
     """The server is stopping."""
 
 
-Event = Union[Join, Leave, End, Connect, Disconnect, Receive, Expire, Shutdown]
+Event = Union[Join, Leave, End, Connect, Disconnect, Receive, Identify, Expire, Shutdown]
 
 # Effects -----------------------------------------------------------------------------
 
@@ -118,7 +144,7 @@ Event = Union[Join, Leave, End, Connect, Disconnect, Receive, Expire, Shutdown]
 @dataclass(frozen=True, slots=True)
 class Send:
     conn: int
-    message: dict[str, Any]
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +161,18 @@ class StatusChanged:
     reason: str | None = None
 
 
-Effect = Union[Send, Close, StatusChanged]
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """A lifecycle event for observers (webhooks, logs): joined, left, ended."""
 
-_ANY_EVENT = frozenset({Join, Leave, End, Connect, Disconnect, Receive, Expire, Shutdown})
+    event: str
+    peer_id: str | None = None
+    reason: str | None = None
+
+
+Effect = Union[Send, Close, StatusChanged, Notify]
+
+_ANY_EVENT = frozenset({Join, Leave, End, Connect, Disconnect, Receive, Identify, Expire, Shutdown})
 
 # Which events each status accepts; anything else is refused and changes nothing.
 # waiting --2nd join--> active --leave--> waiting; either --end/expire/last leave/shutdown--> ended
@@ -163,41 +198,39 @@ class Participant:
     peer_id: str
     token: bytes
     role: str
+    away_since: float | None
     conn: int | None = None
     seq: int = 0
     held: deque[dict[str, Any]] = field(default_factory=deque)
+    sent: deque[tuple[int, str]] = field(default_factory=deque)
+    sent_bytes: int = 0
 
     @property
     def polite(self) -> bool:
         """Perfect negotiation: the host is impolite, everyone else yields."""
         return self.role != "host"
 
-    def stamp(self, message: dict[str, Any]) -> dict[str, Any]:
-        message["seq"] = self.seq
-        self.seq += 1
-        return message
+    def missed_since(self, last_seq: int) -> list[str] | None:
+        """The frames sent after ``last_seq``, or None if some of them are no longer kept."""
+        if not -1 <= last_seq < self.seq:
+            return None
+        missed = [text for seq, text in self.sent if seq > last_seq]
+        if len(missed) != self.seq - 1 - last_seq:
+            return None
+        return missed
 
 
 class Call:
     """One call's participants, status and deadline; see the module docstring for the rules."""
 
-    def __init__(
-        self,
-        call_id: str,
-        now: float,
-        *,
-        ttl: float,
-        max_participants: int = 2,
-        hold_limit: int = 64,
-    ) -> None:
+    def __init__(self, call_id: str, now: float, rules: CallRules = CallRules()) -> None:
         self.call_id = call_id
+        self.rules = rules
         self.status = Status.WAITING
         self.end_reason: str | None = None
-        self.ttl = ttl
-        self.max_participants = max_participants
-        self.hold_limit = hold_limit
         self.created = now
         self.last_activity = now
+        self.claimed = False
         self.participants: dict[str, Participant] = {}
         self._by_conn: dict[int, Participant] = {}
 
@@ -207,14 +240,33 @@ class Call:
     def connected(self) -> int:
         return len(self._by_conn)
 
-    def deadline(self) -> float | None:
-        """When the call expires (monotonic seconds), or None while a socket is connected."""
-        if self.status is Status.ENDED or self._by_conn:
-            return None
-        return self.last_activity + self.ttl
+    @property
+    def max_participants(self) -> int:
+        return self.rules.max_participants
 
     def participant(self, peer_id: str) -> Participant:
         return self.participants[peer_id]
+
+    def deadline(self) -> float | None:
+        """The next moment a timer is due (monotonic seconds), or None."""
+        if self.status is Status.ENDED:
+            return None
+        rules = self.rules
+        due = [] if self._by_conn else [self.last_activity + rules.ttl]
+        if rules.max_duration:
+            due.append(self.created + rules.max_duration)
+        if not self.claimed:
+            due.append(self.created + rules.unclaimed_ttl)
+        else:
+            due.extend(p.away_since + rules.departure_timeout
+                       for p in self.participants.values() if p.away_since is not None)
+        return min(due) if due else None
+
+    def expires_at(self) -> float | None:
+        """When inactivity would end the call (monotonic), or None while a socket is connected."""
+        if self.status is Status.ENDED or self._by_conn:
+            return None
+        return self.last_activity + self.rules.ttl
 
     # Transitions -----------------------------------------------------------------------
 
@@ -222,34 +274,34 @@ class Call:
         """Apply one event. Raises a ``SignalError`` and changes nothing if it is refused."""
         if type(event) not in TRANSITIONS[self.status]:
             raise CallEnded()
-        effects = getattr(self, _HANDLERS[type(event)])(event, now)
+        effects: list[Effect] = getattr(self, _HANDLERS[type(event)])(event, now)
         if type(event) is not Expire:
             self.last_activity = now
         return effects
 
     def _join(self, event: Join, now: float) -> list[Effect]:
-        if len(self.participants) >= self.max_participants:
+        if len(self.participants) >= self.rules.max_participants:
             raise CallFull()
         has_host = any(p.role == "host" for p in self.participants.values())
-        joiner = Participant(event.peer_id, event.token.encode(), "guest" if has_host else "host")
+        joiner = Participant(event.peer_id, event.token.encode(), "guest" if has_host else "host", away_since=now)
         self.participants[joiner.peer_id] = joiner
+        if len(self.participants) > 1:
+            self._claim(now)
         effects = self._update_status()
+        effects.append(Notify("participant_joined", joiner.peer_id))
         effects += self._broadcast_state("joined", joiner.peer_id)
         return effects
 
     def _leave(self, event: Leave, now: float) -> list[Effect]:
-        leaver = self._authenticate(event.token)
-        effects = self._close(leaver, messages.call_ended(self.call_id, "left"), NORMAL_CLOSURE, "left")
-        del self.participants[leaver.peer_id]
-        if not self.participants:
-            return effects + self._end("left")
-        effects += self._update_status()
-        effects += self._broadcast_state("left", leaver.peer_id, "left")
-        return effects
+        return self._remove(self.authenticate(event.token), "left")
 
     def _end_by(self, event: End, now: float) -> list[Effect]:
-        self._authenticate(event.token)
+        self.authenticate(event.token)
         return self._end("ended")
+
+    def _identify(self, event: Identify, now: float) -> list[Effect]:
+        self.authenticate(event.token)
+        return []
 
     def _connect(self, event: Connect, now: float) -> list[Effect]:
         p = self.participants.get(event.peer_id)
@@ -259,18 +311,26 @@ class Call:
         if p.conn is not None:
             del self._by_conn[p.conn]
             effects.append(Close(p.conn, REPLACED, "replaced"))
-        p.conn = event.conn
+        p.conn, p.away_since = event.conn, None
         self._by_conn[event.conn] = p
+        self._claim(now)
+        if event.last_seq is not None:
+            missed = p.missed_since(event.last_seq)
+            if missed is None:
+                effects.append(self._deliver(p, messages.error(
+                    "resume_failed", f"frames after seq {event.last_seq} are no longer kept; renegotiate")))
+            else:
+                effects += [Send(event.conn, text) for text in missed]
         effects += self._broadcast_state("connected", p.peer_id)
         while p.held:
-            effects.append(Send(event.conn, p.stamp(p.held.popleft())))
+            effects.append(self._deliver(p, p.held.popleft()))
         return effects
 
     def _disconnect(self, event: Disconnect, now: float) -> list[Effect]:
         p = self._by_conn.pop(event.conn, None)
         if p is None:
             return []  # a replaced or already closed socket
-        p.conn = None
+        p.conn, p.away_since = None, now
         return self._broadcast_state("disconnected", p.peer_id)
 
     def _receive(self, event: Receive, now: float) -> list[Effect]:
@@ -278,33 +338,45 @@ class Call:
         if sender is None:
             raise Unauthorized("this socket is no longer attached to the call")
         if isinstance(event.message, Ping):
-            return [Send(event.conn, sender.stamp(messages.pong()))]
+            return [self._deliver(sender, messages.pong())]
         others = [p for p in self.participants.values() if p is not sender]
         if not others:
             raise NoPeer()
-        if any(p.conn is None and len(p.held) >= self.hold_limit for p in others):
-            raise BufferFull(f"{self.hold_limit} messages are already held for the other participant")
+        if any(p.conn is None and len(p.held) >= self.rules.hold_limit for p in others):
+            raise BufferFull(f"{self.rules.hold_limit} messages are already held for the other participant")
         effects: list[Effect] = []
         for p in others:
             message = messages.relayed(event.message, self.call_id, sender.peer_id)
             if p.conn is None:
                 p.held.append(message)
             else:
-                effects.append(Send(p.conn, p.stamp(message)))
+                effects.append(self._deliver(p, message))
         return effects
 
     def _expire(self, event: Expire, now: float) -> list[Effect]:
-        deadline = self.deadline()
-        if deadline is None or now < deadline:
-            return []
-        return self._end("expired")
+        rules = self.rules
+        if rules.max_duration and now >= self.created + rules.max_duration:
+            return self._end("max_duration")
+        if not self.claimed and now >= self.created + rules.unclaimed_ttl:
+            return self._end("unclaimed")
+        if not self._by_conn and is_expired(self.last_activity, rules.ttl, now):
+            return self._end("expired")
+        effects: list[Effect] = []
+        if self.claimed:
+            for p in list(self.participants.values()):
+                if p.away_since is not None and now >= p.away_since + rules.departure_timeout:
+                    effects += self._remove(p, "timeout")
+                    if self.status is Status.ENDED:
+                        break
+        return effects
 
     def _shutdown(self, event: Shutdown, now: float) -> list[Effect]:
         return self._end("shutdown", messages.server_shutdown(), GOING_AWAY)
 
     # Helpers ---------------------------------------------------------------------------
 
-    def _authenticate(self, token: str) -> Participant:
+    def authenticate(self, token: str) -> Participant:
+        """The participant holding ``token`` (compared in constant time), or ``Unauthorized``."""
         given = token.encode("utf-8", "replace")
         found = None
         for p in self.participants.values():
@@ -313,6 +385,24 @@ class Call:
         if found is None:
             raise Unauthorized()
         return found
+
+    def _claim(self, now: float) -> None:
+        """Someone connected or joined: from now on absent participants are timed out."""
+        if not self.claimed:
+            self.claimed = True
+            for p in self.participants.values():
+                if p.away_since is not None:
+                    p.away_since = max(p.away_since, now)
+
+    def _remove(self, leaver: Participant, reason: str) -> list[Effect]:
+        effects = self._close(leaver, messages.call_ended(self.call_id, reason), NORMAL_CLOSURE, reason)
+        del self.participants[leaver.peer_id]
+        effects.append(Notify("participant_left", leaver.peer_id, reason))
+        if not self.participants:
+            return effects + self._end(reason)
+        effects += self._update_status()
+        effects += self._broadcast_state("left", leaver.peer_id, reason)
+        return effects
 
     def _update_status(self) -> list[Effect]:
         new = Status.ACTIVE if len(self.participants) >= 2 else Status.WAITING
@@ -331,18 +421,31 @@ class Call:
         for p in self.participants.values():
             effects += self._close(p, farewell or messages.call_ended(self.call_id, reason), code, reason)
         old, self.status, self.end_reason = self.status, Status.ENDED, reason
-        effects.append(StatusChanged(old, Status.ENDED, reason))
+        effects += [Notify("call_ended", None, reason), StatusChanged(old, Status.ENDED, reason)]
         return effects
 
     def _close(self, p: Participant, farewell: dict[str, Any], code: int, reason: str) -> list[Effect]:
         if p.conn is None:
             return []
-        conn, p.conn = p.conn, None
-        del self._by_conn[conn]
-        return [Send(conn, p.stamp(dict(farewell))), Close(conn, code, reason)]
+        send = self._deliver(p, dict(farewell))
+        del self._by_conn[send.conn]
+        p.conn = None
+        return [send, Close(send.conn, code, reason)]
+
+    def _deliver(self, p: Participant, message: dict[str, Any]) -> Send:
+        """Stamp ``message`` with the participant's next seq, keep it for a resume, send it."""
+        assert p.conn is not None
+        message["seq"] = p.seq
+        p.seq += 1
+        text = messages.to_json(message)
+        p.sent.append((message["seq"], text))
+        p.sent_bytes += len(text)
+        while len(p.sent) > self.rules.resume_limit or p.sent_bytes > self.rules.resume_bytes:
+            p.sent_bytes -= len(p.sent.popleft()[1])
+        return Send(p.conn, text)
 
     def _broadcast_state(self, event: str, subject: str, reason: str | None = None) -> list[Effect]:
-        return [Send(p.conn, p.stamp(self.state_for(p, event, subject, reason)))
+        return [self._deliver(p, self.state_for(p, event, subject, reason))
                 for p in self.participants.values() if p.conn is not None]
 
     def state_for(
@@ -358,7 +461,7 @@ class Call:
             "participants": {
                 "count": len(self.participants),
                 "connected": len(self._by_conn),
-                "max": self.max_participants,
+                "max": self.rules.max_participants,
             },
             "event": event,
             "subject": subject,
@@ -375,6 +478,7 @@ _HANDLERS: dict[type, str] = {
     Connect: "_connect",
     Disconnect: "_disconnect",
     Receive: "_receive",
+    Identify: "_identify",
     Expire: "_expire",
     Shutdown: "_shutdown",
 }

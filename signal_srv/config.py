@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from tornado.options import Error as OptionsError
@@ -61,10 +61,19 @@ class Config:
     shutdown_timeout: float = 10.0
     metrics_port: int = 0
     log_format: str = "text"
-
-    @property
-    def ice_server_list(self) -> list[dict[str, Any]]:
-        return json.loads(self.ice_servers)  # type: ignore[no-any-return]
+    unclaimed_ttl: float = 300.0
+    departure_timeout: float = 60.0
+    max_call_duration: float = 0.0
+    resume_buffer: int = 64
+    resume_buffer_bytes: int = 262144
+    turn_uris: tuple[str, ...] = ()
+    turn_secret: str = field(default="", repr=False)
+    turn_credential_ttl: float = 86400.0
+    webhook_url: str = ""
+    webhook_secret: str = field(default="", repr=False)
+    webhook_timeout: float = 5.0
+    webhook_retries: int = 3
+    webhook_queue_size: int = 1000
 
 
 _HELP = {
@@ -98,6 +107,19 @@ _HELP = {
     "shutdown_timeout": "seconds a graceful shutdown may take before the process exits anyway",
     "metrics_port": "serve /metrics on this port only (0: on the main port)",
     "log_format": "'text' or 'json' (one JSON object per line, for log shippers)",
+    "unclaimed_ttl": "seconds a call nobody joined and whose host never connected lives",
+    "departure_timeout": "seconds a participant may be without a connected socket before it leaves the call",
+    "max_call_duration": "seconds a call may last at most (0: no limit)",
+    "resume_buffer": "frames kept per participant for a reconnect with last_seq",
+    "resume_buffer_bytes": "bytes of frames kept per participant for a reconnect with last_seq",
+    "turn_uris": "comma-separated TURN URIs to hand out with time-limited credentials (needs turn_secret)",
+    "turn_secret": "shared secret of the TURN server (coturn use-auth-secret / static-auth-secret)",
+    "turn_credential_ttl": "seconds a TURN credential stays valid",
+    "webhook_url": "URL that receives lifecycle events as signed JSON POSTs (empty: none)",
+    "webhook_secret": "secret for the X-Signal-Srv-Signature HMAC-SHA256 of each webhook body",
+    "webhook_timeout": "seconds one webhook delivery attempt may take",
+    "webhook_retries": "retries of a webhook delivery after a 5xx, a timeout or a connection error",
+    "webhook_queue_size": "webhook events queued before new ones are dropped (and counted)",
 }
 
 _TYPES = {bool: bool, int: int, float: float, str: str, tuple: str}
@@ -133,7 +155,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     for source, arg in [("environment", a) for a in env] + [("command line", a) for a in args]:
         _apply_arg(parser, arg, source)
     values = {name: value for name, value in parser.as_dict().items() if name != "help"}
-    values["allowed_origins"] = tuple(values["allowed_origins"])
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
     return _checked(Config(**values))
 
 
@@ -207,13 +229,13 @@ def _require(ok: bool, name: str, value: Any, rule: str) -> None:
 
 def _checked(c: Config) -> Config:
     for name in ("call_ttl", "cleanup_interval", "heartbeat_interval", "heartbeat_timeout", "ask_timeout",
-                 "shutdown_timeout"):
+                 "shutdown_timeout", "unclaimed_ttl", "departure_timeout", "turn_credential_ttl", "webhook_timeout"):
         value = getattr(c, name)
         _require(math.isfinite(value) and value > 0, name, value, "must be a number of seconds > 0")
     _require(0 <= c.port <= 65535, "port", c.port, "must be between 0 and 65535")
     _require(2 <= c.max_participants <= 16, "max_participants", c.max_participants, "must be between 2 and 16")
-    for name in ("max_calls", "ws_buffer_limit", "mailbox_size", "max_sockets",
-                 "rate_create_burst", "rate_join_burst", "ws_rate_burst"):
+    for name in ("max_calls", "ws_buffer_limit", "mailbox_size", "max_sockets", "rate_create_burst",
+                 "rate_join_burst", "ws_rate_burst", "resume_buffer", "resume_buffer_bytes", "webhook_queue_size"):
         _require(getattr(c, name) >= 1, name, getattr(c, name), "must be at least 1")
     for name in ("rate_create", "rate_join", "ws_rate"):
         value = getattr(c, name)
@@ -226,6 +248,17 @@ def _checked(c: Config) -> Config:
     _require(c.max_body_size >= 256, "max_body_size", c.max_body_size, "must be at least 256 bytes")
     _require(c.ws_write_buffer_limit >= 2 * c.max_message_size, "ws_write_buffer_limit", c.ws_write_buffer_limit,
              f"must be at least twice max_message_size ({c.max_message_size})")
+    _require(math.isfinite(c.max_call_duration) and c.max_call_duration >= 0, "max_call_duration",
+             c.max_call_duration, "must be a number of seconds >= 0 (0: no limit)")
+    _require(c.webhook_retries >= 0, "webhook_retries", c.webhook_retries, "must be at least 0")
+    _require(not c.turn_uris or bool(c.turn_secret), "turn_uris", ",".join(c.turn_uris),
+             "needs turn_secret to sign the credentials")
+    _require(all(u.startswith(("turn:", "turns:")) for u in c.turn_uris), "turn_uris", ",".join(c.turn_uris),
+             "every URI must start with turn: or turns:")
+    _require(not c.webhook_url or c.webhook_url.startswith(("http://", "https://")), "webhook_url",
+             c.webhook_url, "must be an http:// or https:// URL")
+    _require(not c.webhook_url or bool(c.webhook_secret), "webhook_url", c.webhook_url,
+             "needs webhook_secret to sign the events")
     _check_ice_servers(c.ice_servers)
     return c
 

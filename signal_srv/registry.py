@@ -16,13 +16,16 @@ import time
 from bisect import bisect_left, insort
 from collections import Counter
 from dataclasses import dataclass
-from typing import Awaitable, Iterator
+from typing import TYPE_CHECKING, Awaitable, Iterator
 
 
 from signal_srv.actor import CallActor, CallSummary, Joined
-from signal_srv.call import Call, Expire, Status
+from signal_srv.call import Call, CallRules, Expire, Notify, Status
 from signal_srv.errors import CallBusy, CallEnded, CallNotFound, Capacity
 from signal_srv.metrics import Metrics
+
+if TYPE_CHECKING:
+    from signal_srv.webhooks import Webhooks
 
 __all__ = ["Registry", "Statistics", "new_id"]
 
@@ -60,22 +63,20 @@ class Registry:
 
     def __init__(
         self,
+        rules: CallRules = CallRules(),
         *,
-        call_ttl: float,
-        max_calls: int,
-        max_participants: int = 2,
-        hold_limit: int = 64,
+        max_calls: int = 100000,
         mailbox_size: int = 256,
         heartbeat_interval: float = 20.0,
         heartbeat_timeout: float = 60.0,
         metrics: Metrics | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
-        self.call_ttl = call_ttl
+        self.rules = rules
         self.metrics = metrics if metrics is not None else Metrics()
+        self.webhooks = webhooks
         self.closing = False
         self.max_calls = max_calls
-        self.max_participants = max_participants
-        self.hold_limit = hold_limit
         self.mailbox_size = mailbox_size
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -104,15 +105,12 @@ class Registry:
         while call_id in self._actors:
             call_id = new_id()
         now = time.monotonic()
-        call = Call(
-            call_id, now, ttl=self.call_ttl,
-            max_participants=self.max_participants, hold_limit=self.hold_limit,
-        )
+        call = Call(call_id, now, self.rules)
         order = next(self._counter)
         actor = CallActor(
             call, order=order, mailbox_size=self.mailbox_size, on_status=self._status_changed,
             heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
-            metrics=self.metrics,
+            metrics=self.metrics, on_notify=self._notify if self.webhooks is not None else None,
         )
         peer_id, peer_token = new_id(), new_id()
         joined = actor.start(peer_id, peer_token)
@@ -124,6 +122,8 @@ class Registry:
         task.add_done_callback(lambda t, a=actor: self._finished(t, a))
         self._created += 1
         actor.log.info("call %s created", call_id)
+        if self.webhooks is not None:
+            self.webhooks.emit("call_created", call_id, peer_id=peer_id)
         return Created(actor, peer_id, peer_token, joined)
 
     def get(self, call_id: str) -> CallActor:
@@ -160,6 +160,11 @@ class Registry:
             self._ended[actor.call.end_reason or "error"] += 1
         else:
             insort(self._order[new], actor.order)
+
+    def _notify(self, actor: CallActor, effect: Notify) -> None:
+        assert self.webhooks is not None
+        fields = {k: v for k, v in (("peer_id", effect.peer_id), ("reason", effect.reason)) if v is not None}
+        self.webhooks.emit(effect.event, actor.call_id, **fields)
 
     def _unindex(self, actor: CallActor, status: Status) -> None:
         orders = self._order.get(status)

@@ -13,9 +13,9 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from signal_srv import messages
+from signal_srv import messages, turn
 from signal_srv.actor import CallSummary, Joined
-from signal_srv.call import End, Join, Leave, Status
+from signal_srv.call import End, Identify, Join, Leave, Status
 from signal_srv.config import Config
 from signal_srv.errors import (
     BadRequest,
@@ -146,6 +146,18 @@ class ApiHandler(RequestHandler):
             self.metrics.rate_limited[name] += 1
             raise RateLimited(f"too many {name} requests from your address; retry in {wait:.1f} s", wait)
 
+    def ice_servers(self, peer_id: str | None) -> list[dict[str, Any]]:
+        """``ice_servers``, with TURN credentials when ``peer_id`` is an authenticated peer."""
+        c = self.config
+        return turn.ice_servers(c.ice_servers, c.turn_uris, c.turn_secret, peer_id, time.time(), c.turn_credential_ttl)
+
+    def credentials(self, joined: Joined, peer_id: str, token: str) -> dict[str, Any]:
+        """The answer to a create or a join: the call, the peer's secret and its ICE servers."""
+        body = joined.summary.to_dict()
+        body.update(role=joined.role, polite=joined.polite, peer_id=peer_id, peer_token=token,
+                    ice_servers=self.ice_servers(peer_id))
+        return body
+
     def bearer_token(self) -> str:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -157,10 +169,6 @@ def _allowed_methods(cls: type[RequestHandler]) -> list[str]:
     return [m for m in cls.SUPPORTED_METHODS if getattr(cls, m.lower()) is not getattr(RequestHandler, m.lower())]
 
 
-def _credentials(summary: CallSummary, role: str, polite: bool, peer_id: str, token: str) -> dict[str, Any]:
-    body = summary.to_dict()
-    body.update(role=role, polite=polite, peer_id=peer_id, peer_token=token)
-    return body
 
 
 class CallsHandler(ApiHandler):
@@ -177,7 +185,7 @@ class CallsHandler(ApiHandler):
         created = self.registry.create()
         joined = created.joined
         self.set_header("Location", f"/apiv2/calls/{created.actor.call_id}")
-        self.reply(201, _credentials(joined.summary, joined.role, joined.polite, created.peer_id, created.peer_token))
+        self.reply(201, self.credentials(joined, created.peer_id, created.peer_token))
 
     def get(self) -> None:
         if self.config.list_calls == "off":
@@ -221,7 +229,7 @@ class JoinHandler(ApiHandler):
         actor = self.registry.get(call_id)
         peer_id, token = new_id(), new_id()
         joined: Joined = await actor.ask(Join(peer_id, token), self.config.ask_timeout)
-        self.reply(200, _credentials(joined.summary, joined.role, joined.polite, peer_id, token))
+        self.reply(200, self.credentials(joined, peer_id, token))
 
 
 class LeaveHandler(ApiHandler):
@@ -245,10 +253,18 @@ class EndHandler(ApiHandler):
 
 
 class ConfigHandler(ApiHandler):
-    """``GET /apiv2/config``: what a client needs to build its ``RTCPeerConnection``."""
+    """``GET /apiv2/config``: what a client needs to build its ``RTCPeerConnection``.
 
-    def get(self) -> None:
-        self.reply(200, {"ice_servers": self.config.ice_server_list})
+    With ``?call_id=`` and a participant's bearer token, TURN credentials are included.
+    """
+
+    async def get(self) -> None:
+        call_id = self.get_query_argument("call_id", None)
+        peer_id = None
+        if call_id is not None:
+            token = self.bearer_token()
+            peer_id = await self.registry.get(call_id).ask(Identify(token), self.config.ask_timeout)
+        self.reply(200, {"ice_servers": self.ice_servers(peer_id)})
 
 
 class HealthHandler(ApiHandler):

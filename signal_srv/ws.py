@@ -83,13 +83,18 @@ class SignalingSocket(WebSocketHandler):
         call_id = self.get_query_argument("call_id", "")
         peer_id = self.get_query_argument("peer_id", "")
         token = self.get_query_argument("token", "")
+        last_seq = self.get_query_argument("last_seq", None)
         if not (call_id and peer_id and token):
             self.close(BAD_QUERY, "call_id, peer_id and token are required")
+            return
+        if last_seq is not None and not (last_seq.isdigit() or last_seq == "-1"):
+            self.close(BAD_QUERY, "last_seq must be a whole number")
             return
         try:
             # Set before the await, so a close that races the join still reaches the actor.
             self._actor = self.registry.get(call_id)
-            await self._actor.ask(Connect(peer_id, token, self.conn), self.config.ask_timeout, socket=self)
+            resume_from = int(last_seq) if last_seq is not None else None
+            await self._actor.ask(Connect(peer_id, token, self.conn, resume_from), self.config.ask_timeout, socket=self)
         except CallNotFound:
             self._refuse(CALL_NOT_FOUND, "call_not_found")
         except Unauthorized:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
 from signal_srv.call import (
     TRANSITIONS,
     Call,
+    CallRules,
     Close,
     Connect,
     Disconnect,
     End,
     Expire,
+    Identify,
     Join,
+    Notify,
     Leave,
     Receive,
     Send,
@@ -29,8 +33,11 @@ from signal_srv.messages import Ping, Relay
 TTL = 10.0
 
 
-def make_call(participants: int = 1) -> Call:
-    call = Call("c1", 0.0, ttl=TTL, max_participants=2, hold_limit=3)
+RULES = CallRules(ttl=TTL, unclaimed_ttl=1000.0, departure_timeout=1000.0, hold_limit=3)
+
+
+def make_call(participants: int = 1, rules: CallRules = RULES) -> Call:
+    call = Call("c1", 0.0, rules)
     for i in range(participants):
         call.handle(Join(f"p{i}", f"t{i}"), 0.0)
     return call
@@ -46,12 +53,12 @@ def in_status(status: Status) -> Call:
 
 
 def sends(effects: list, conn: int) -> list[dict]:
-    return [e.message for e in effects if isinstance(e, Send) and e.conn == conn]
+    return [json.loads(e.text) for e in effects if isinstance(e, Send) and e.conn == conn]
 
 
 ALL_EVENTS = [
     Join("new", "tn"), Leave("t0"), End("t0"), Connect("p0", "t0", 1), Disconnect(1),
-    Receive(1, Ping()), Expire(), Shutdown(),
+    Receive(1, Ping()), Identify("t0"), Expire(), Shutdown(),
 ]
 
 
@@ -165,7 +172,8 @@ def test_relay_goes_only_to_the_other_participant() -> None:
     call.handle(Connect("p0", "t0", 10), 1.0)
     call.handle(Connect("p1", "t1", 11), 1.0)
     effects = call.handle(Receive(10, Relay("offer", {"sdp": "x"})), 2.0)
-    assert effects == [Send(11, {"type": "offer", "call_id": "c1", "from": "p0", "payload": {"sdp": "x"}, "seq": 1})]
+    assert [e.conn for e in effects] == [11]
+    assert sends(effects, 11) == [{"type": "offer", "call_id": "c1", "from": "p0", "payload": {"sdp": "x"}, "seq": 1}]
 
 
 def test_relay_without_other_participant_is_no_peer() -> None:
@@ -191,7 +199,8 @@ def test_relay_to_a_joined_but_unconnected_peer_is_held_in_order_up_to_the_limit
 def test_ping_is_answered_with_pong_to_the_sender_only() -> None:
     call = make_call(1)
     call.handle(Connect("p0", "t0", 10), 1.0)
-    assert call.handle(Receive(10, Ping()), 2.0) == [Send(10, {"type": "pong", "seq": 1})]
+    effects = call.handle(Receive(10, Ping()), 2.0)
+    assert [e.conn for e in effects] == [10] and sends(effects, 10) == [{"type": "pong", "seq": 1}]
 
 
 def test_traffic_from_a_detached_socket_is_refused() -> None:
@@ -258,3 +267,126 @@ def test_is_expired(last: float, now: float, expired: bool) -> None:
 
 def test_every_refusal_is_a_signal_error() -> None:
     assert all(issubclass(e, SignalError) for e in (CallEnded, CallFull, NoPeer, BufferFull, Unauthorized))
+
+
+TIMED = CallRules(ttl=1000.0, unclaimed_ttl=30.0, departure_timeout=10.0, max_duration=500.0, hold_limit=3)
+
+
+def test_a_call_nobody_claimed_ends_as_unclaimed() -> None:
+    call = make_call(1, TIMED)
+    assert call.deadline() == 30.0
+    assert call.handle(Expire(), 29.9) == []
+    assert call.handle(Expire(), 30.0)[-1] == StatusChanged(Status.WAITING, Status.ENDED, "unclaimed")
+
+
+def test_a_host_that_connected_claims_the_call() -> None:
+    call = make_call(1, TIMED)
+    call.handle(Connect("p0", "t0", 10), 5.0)
+    assert call.claimed and call.deadline() == 500.0
+    assert call.handle(Expire(), 31.0) == []
+
+
+def test_a_participant_away_past_departure_timeout_leaves_and_frees_the_slot() -> None:
+    call = make_call(1, TIMED)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Join("p1", "t1"), 2.0)  # never connects: a ghost
+    assert call.deadline() == 12.0
+    effects = call.handle(Expire(), 12.0)
+    state = sends(effects, 10)[-1]
+    assert (state["event"], state["subject"], state["reason"], state["status"]) == ("left", "p1", "timeout", "waiting")
+    assert Notify("participant_left", "p1", "timeout") in effects
+    assert list(call.participants) == ["p0"] and call.status is Status.WAITING
+    call.handle(Join("p2", "t2"), 13.0)
+    assert call.status is Status.ACTIVE
+
+
+def test_a_reconnect_within_the_departure_window_keeps_the_slot() -> None:
+    call = make_call(2, TIMED)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)
+    call.handle(Disconnect(11), 2.0)
+    call.handle(Connect("p1", "t1", 12), 11.9)
+    assert call.handle(Expire(), 12.0) == [] and len(call.participants) == 2
+
+
+def test_the_last_participant_timing_out_ends_the_call() -> None:
+    call = make_call(1, TIMED)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Disconnect(10), 2.0)
+    effects = call.handle(Expire(), 12.0)
+    assert effects[-1] == StatusChanged(Status.WAITING, Status.ENDED, "timeout")
+
+
+def test_max_duration_ends_even_a_live_call() -> None:
+    call = make_call(2, TIMED)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)
+    effects = call.handle(Expire(), 500.0)
+    assert sends(effects, 10)[-1]["reason"] == "max_duration"
+    assert effects[-1] == StatusChanged(Status.ACTIVE, Status.ENDED, "max_duration")
+
+
+def test_lifecycle_notifications() -> None:
+    call = make_call(1)
+    assert Notify("participant_joined", "p1") in call.handle(Join("p1", "t1"), 1.0)
+    assert Notify("participant_left", "p1", "left") in call.handle(Leave("t1"), 2.0)
+    assert Notify("call_ended", None, "ended") in call.handle(End("t0"), 3.0)
+
+
+def test_identify_answers_only_for_a_participants_token() -> None:
+    call = make_call(2)
+    assert call.handle(Identify("t1"), 1.0) == []
+    assert call.authenticate("t1").peer_id == "p1"
+    with pytest.raises(Unauthorized):
+        call.handle(Identify("nope"), 1.0)
+
+
+def connected_pair() -> Call:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)  # p1 sees seq 0 (its state)
+    return call
+
+
+def test_a_resume_with_last_seq_replays_exactly_what_was_missed() -> None:
+    call = connected_pair()
+    for i in range(5):
+        call.handle(Receive(10, Relay("candidate", i)), 2.0)  # p1 gets seq 1..5
+    call.handle(Disconnect(11), 3.0)
+    call.handle(Receive(10, Relay("candidate", 5)), 3.0)  # held while away
+    delivered = sends(call.handle(Connect("p1", "t1", 12, last_seq=2), 4.0), 12)
+    assert [(m["seq"], m.get("payload")) for m in delivered] == [
+        (3, 2), (4, 3), (5, 4), (6, None), (7, 5)]
+    assert delivered[3]["type"] == "state"
+
+
+def test_a_resume_beyond_what_is_kept_fails_and_starts_fresh() -> None:
+    call = Call("c1", 0.0, CallRules(ttl=TTL, resume_limit=3))
+    call.handle(Join("p0", "t0"), 0.0)
+    call.handle(Join("p1", "t1"), 0.0)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)
+    for i in range(6):
+        call.handle(Receive(10, Relay("candidate", i)), 2.0)
+    delivered = sends(call.handle(Connect("p1", "t1", 12, last_seq=1), 3.0), 12)
+    assert delivered[0]["type"] == "error" and delivered[0]["code"] == "resume_failed"
+    assert [m["type"] for m in delivered[1:]] == ["state"]
+    assert [m["seq"] for m in delivered] == [7, 8]
+
+
+@pytest.mark.parametrize("last_seq", [-2, 99])
+def test_an_impossible_last_seq_fails_the_resume(last_seq: int) -> None:
+    call = connected_pair()
+    delivered = sends(call.handle(Connect("p1", "t1", 12, last_seq=last_seq), 2.0), 12)
+    assert delivered[0]["code"] == "resume_failed"
+
+
+def test_resume_buffer_is_bounded_in_bytes() -> None:
+    call = Call("c1", 0.0, CallRules(ttl=TTL, resume_bytes=1000))
+    call.handle(Join("p0", "t0"), 0.0)
+    call.handle(Join("p1", "t1"), 0.0)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)
+    for _ in range(10):
+        call.handle(Receive(10, Relay("message", "x" * 300)), 2.0)
+    assert call.participant("p1").sent_bytes <= 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_dev_conf_documents_every_option_at_its_default() -> None:
 
 def test_prod_conf_loads() -> None:
     config = load_config(["signal-srv", f"--conf={ROOT / 'conf' / 'prod.conf'}"], {})
-    assert config.list_calls == "off" and config.xheaders is True and len(config.ice_server_list) == 2
+    assert config.list_calls == "off" and config.xheaders is True and len(json.loads(config.ice_servers)) == 2
 
 
 @pytest.mark.parametrize(("argv", "env", "conf", "message"), [

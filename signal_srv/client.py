@@ -105,19 +105,36 @@ class SignalingClient:
         headers = {"Origin": origin} if origin else {}
         ws = await asyncio.wait_for(
             websocket_connect(HTTPRequest(url, headers=headers, request_timeout=self.timeout)), self.timeout)
-        return Connection(ws, self.timeout)
+        return Connection(ws, self.timeout, (call_id, peer_id, token))
 
     async def connect_as(self, credentials: dict[str, Any], **query: Any) -> Connection:
         """Connect with the answer of ``create_call`` or ``join``."""
         return await self.connect(credentials["call_id"], credentials["peer_id"], credentials["peer_token"], **query)
 
+    async def resume(self, old: Connection) -> Connection:
+        """Reconnect ``old``'s participant asking for every frame after the last one it received.
+
+        The new connection first yields the missed frames, in order, then live ones; if the
+        server can no longer replay, its first frame is an ``error`` with code ``resume_failed``
+        (renegotiate, e.g. with an ICE restart).
+        """
+        call_id, peer_id, token = old.credentials
+        new = await self.connect(call_id, peer_id, token, last_seq=old.last_seq)
+        new.last_seq = old.last_seq
+        return new
+
 
 class Connection:
     """One signaling socket: send frames, receive them with a timeout."""
 
-    def __init__(self, ws: WebSocketClientConnection, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, ws: WebSocketClientConnection, timeout: float = DEFAULT_TIMEOUT,
+        credentials: tuple[str, str, str] = ("", "", ""),
+    ) -> None:
         self.ws = ws
         self.timeout = timeout
+        self.credentials = credentials
+        self.last_seq = -1
         self.skipped: list[dict[str, Any]] = []
 
     def send(self, type: str, payload: Any = None) -> None:
@@ -134,7 +151,10 @@ class Connection:
         text = await asyncio.wait_for(self.ws.read_message(), timeout or self.timeout)
         if text is None:
             raise ConnectionClosed(self.ws.close_code, self.ws.close_reason)
-        return dict(json.loads(text))
+        message = dict(json.loads(text))
+        if isinstance(message.get("seq"), int):
+            self.last_seq = message["seq"]
+        return message
 
     async def wait_for(self, type: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """The next frame of ``type`` (and with ``fields``); frames skipped on the way go to ``skipped``."""

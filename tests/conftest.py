@@ -96,3 +96,23 @@ def log_guard() -> Iterator[LogGuard]:
     root.removeHandler(guard)
     unexpected = guard.unexpected()
     assert not unexpected, f"unexpected log records: {unexpected}"
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[list[str]]:
+    """Every log line at every level, formatted as the server would print it."""
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Capture(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s %(call_id)s", defaults={"call_id": ""}))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield lines
+    root.setLevel(old_level)
+    root.removeHandler(handler)

@@ -135,26 +135,6 @@ async def test_a_wall_clock_jump_neither_expires_nor_revives(client: SignalingCl
     assert [c["call_id"] for c in await client.list_calls()] == [live["call_id"]]
 
 
-@pytest.fixture
-def debug_logs() -> Iterator[list[str]]:
-    """Every log line at every level, formatted as the server would print it."""
-    lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
-    handler = Capture(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s %(call_id)s", defaults={"call_id": ""}))
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    yield lines
-    root.setLevel(old_level)
-    root.removeHandler(handler)
-
-
 async def test_peer_tokens_never_reach_a_log_line_or_another_participant(
     client: SignalingClient, debug_logs: list[str], log_guard: Any
 ) -> None:

@@ -1,0 +1,136 @@
+"""Calls that behave like real calls: phase timeouts, lossless resume, TURN credentials."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from signal_srv.client import ApiError, SignalingClient
+from signal_srv.registry import Registry
+from signal_srv.turn import turn_credential
+from tests.conftest import TIMEOUT
+from tests.test_ws import Pair, assert_relays, make_pair
+
+
+@pytest.mark.settings(unclaimed_ttl=0.2)
+async def test_a_call_nobody_joined_or_connected_to_ends_as_unclaimed(
+    client: SignalingClient, registry: Registry
+) -> None:
+    unclaimed, claimed = await client.create_call(), await client.create_call()
+    conn = await client.connect_as(claimed)
+    await conn.wait_for("state")
+    await registry.wait_ended(unclaimed["call_id"], TIMEOUT)
+    assert registry.statistics().ended == {"unclaimed": 1}
+    assert (await client.get_call(claimed["call_id"]))["status"] == "waiting"
+
+
+@pytest.mark.settings(departure_timeout=0.2)
+async def test_a_ghost_guest_times_out_and_the_call_is_joinable_again(client: SignalingClient) -> None:
+    host = await client.create_call()
+    a = await client.connect_as(host)
+    ghost = await client.join(host["call_id"])
+    left = await a.wait_for("state", event="left")
+    assert (left["subject"], left["reason"], left["status"], left["participants"]["count"]) == (
+        ghost["peer_id"], "timeout", "waiting", 1)
+    guest = await client.join(host["call_id"])
+    b = await client.connect_as(guest)
+    await b.wait_for("state")
+    await assert_relays(Pair(host, guest, a, b))
+
+
+@pytest.mark.settings(departure_timeout=0.3)
+async def test_a_reconnect_inside_the_departure_window_keeps_the_slot(client: SignalingClient) -> None:
+    pair = await make_pair(client)
+    pair.b.abort()
+    await pair.a.wait_for("state", event="disconnected")
+    b = await client.resume(pair.b)
+    await b.wait_for("state", event="connected")
+    await assert_relays(Pair(pair.host, pair.guest, pair.a, b))
+    assert (await client.get_call(pair.call_id))["participants"]["count"] == 2
+
+
+@pytest.mark.settings(max_call_duration=0.3)
+async def test_max_call_duration_ends_a_live_call(client: SignalingClient) -> None:
+    pair = await make_pair(client)
+    for conn in (pair.a, pair.b):
+        assert (await conn.wait_for("call_ended"))["reason"] == "max_duration"
+        assert await conn.wait_closed() == (1000, "max_duration")
+
+
+@pytest.mark.settings(resume_buffer=1000)
+async def test_cutting_the_connection_mid_burst_and_resuming_loses_and_repeats_nothing(
+    client: SignalingClient,
+) -> None:
+    pair = await make_pair(client)
+    for i in range(300):
+        pair.a.send("candidate", i)
+    got = [(await pair.b.wait_for("candidate"))["payload"] for _ in range(40)]
+    pair.b.abort()  # no close frame: frames in flight are lost on the wire
+    b = await client.resume(pair.b)
+    while len(got) < 300:
+        message = await b.receive()
+        if message["type"] == "candidate":
+            got.append(message["payload"])
+    assert got == list(range(300))
+    assert not [m for m in b.skipped if m.get("code") == "resume_failed"]
+
+
+@pytest.mark.settings(resume_buffer=4)
+async def test_a_resume_the_server_cannot_serve_says_resume_failed(client: SignalingClient) -> None:
+    pair = await make_pair(client)
+    for i in range(10):
+        pair.a.send("candidate", i)
+    for _ in range(10):
+        await pair.b.wait_for("candidate")
+    b = await client.connect_as(pair.guest, last_seq=0)
+    first = await b.receive()
+    assert first["type"] == "error" and first["code"] == "resume_failed"
+    assert (await b.receive())["type"] == "state"
+
+
+async def test_a_malformed_last_seq_is_refused(client: SignalingClient) -> None:
+    host = await client.create_call()
+    conn = await client.connect_as(host, last_seq="x")
+    assert await conn.wait_closed() == (4400, "last_seq must be a whole number")
+
+
+def test_turn_credential_matches_an_independent_hmac_sha1() -> None:
+    # printf '%s' "1700000000:peer" | openssl dgst -sha1 -hmac north -binary | base64
+    assert turn_credential("north", "peer", 1699913600, 86400) == ("1700000000:peer", "89/L5HunFtWT5RS8MeW1TQ9ayqg=")
+
+
+TURN = {"turn_uris": ("turn:turn.example.org:3478?transport=udp", "turns:turn.example.org:5349"),
+        "turn_secret": "north", "turn_credential_ttl": 600.0,
+        "ice_servers": '[{"urls": "stun:stun.example.org:3478"}]'}
+
+
+def assert_turn_entry(servers: list[dict[str, Any]], peer_id: str) -> None:
+    stun, turn = servers
+    assert stun == {"urls": "stun:stun.example.org:3478"}
+    assert turn["urls"] == list(TURN["turn_uris"])
+    expiry, _, who = turn["username"].partition(":")
+    assert who == peer_id and 590 <= int(expiry) - time.time() <= 601
+    assert turn_credential("north", peer_id, int(expiry) - 600, 600) == (turn["username"], turn["credential"])
+
+
+@pytest.mark.settings(**TURN)
+async def test_create_join_and_config_hand_out_turn_credentials_not_the_secret(
+    client: SignalingClient, debug_logs: list[str]
+) -> None:
+    host = await client.create_call()
+    guest = await client.join(host["call_id"])
+    assert_turn_entry(host["ice_servers"], host["peer_id"])
+    assert_turn_entry(guest["ice_servers"], guest["peer_id"])
+    status, body, _ = await client.request(
+        "GET", f"/apiv2/config?call_id={host['call_id']}", headers={"Authorization": f"Bearer {guest['peer_token']}"})
+    assert status == 200
+    assert_turn_entry(body["ice_servers"], guest["peer_id"])
+    assert (await client.request("GET", "/apiv2/config"))[1] == {"ice_servers": [{"urls": "stun:stun.example.org:3478"}]}
+    status, body, _ = await client.request(
+        "GET", f"/apiv2/config?call_id={host['call_id']}", headers={"Authorization": "Bearer wrong"})
+    assert (status, body["error"]["code"]) == (401, "unauthorized")
+    everything = json.dumps([host, guest]) + "\n".join(debug_logs)
+    assert "north" not in everything

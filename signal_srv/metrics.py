@@ -24,6 +24,7 @@ class Metrics:
         self.relayed: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.rate_limited: Counter[str] = Counter()
+        self.webhooks: Counter[str] = Counter()
         self.sockets = 0
         self.prometheus = CollectorRegistry(auto_describe=True)
         self.request_seconds = Histogram(
@@ -53,7 +54,7 @@ class _Collector:
         yield calls
         yield CounterMetricFamily("signal_srv_calls_created", "calls created", value=stats.created)
         ended = CounterMetricFamily("signal_srv_calls_ended", "calls ended, by reason", labels=["reason"])
-        for reason in ("ended", "left", "expired", "error", "shutdown"):
+        for reason in ("ended", "left", "timeout", "expired", "unclaimed", "max_duration", "error", "shutdown"):
             ended.add_metric([reason], stats.ended.get(reason, 0))
         yield ended
         yield GaugeMetricFamily("signal_srv_sockets", "signaling sockets connected", value=self.metrics.sockets)
@@ -65,6 +66,8 @@ class _Collector:
             _counter("signal_srv_errors", "error answers, by code", "code", self.metrics.errors),
             _counter("signal_srv_rate_limited", "requests refused by a rate limit, by limit", "limit",
                      self.metrics.rate_limited),
+            _counter("signal_srv_webhooks", "webhook events by outcome: delivered, failed, dropped, retried",
+                     "outcome", self.metrics.webhooks),
         )
 
 

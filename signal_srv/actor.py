@@ -164,7 +164,8 @@ class CallActor:
     def start(self, peer_id: str, peer_token: str) -> Joined:
         """Seat the host; called once, before ``run`` starts."""
         self.call.handle(Join(peer_id, peer_token), time.monotonic())
-        return self._result(Join(peer_id, peer_token))
+        host = self.call.participant(peer_id)
+        return Joined(host.role, host.polite, self.summary())
 
     def overdue(self, now: float) -> bool:
         """True if the call's deadline has passed (the sweep's backstop check)."""

@@ -14,6 +14,7 @@ from signal_srv.config import Config
 from signal_srv.limits import Limits
 from signal_srv.metrics import Metrics
 from signal_srv.registry import Registry
+from signal_srv.webhooks import Webhooks
 from signal_srv.rest import (
     CallHandler,
     CallsHandler,
@@ -66,8 +67,17 @@ def make_registry(config: Config) -> Registry:
         resume_limit=config.resume_buffer,
         resume_bytes=config.resume_buffer_bytes,
     )
+    metrics = Metrics()
+    webhooks = None
+    if config.webhook_url:
+        webhooks = Webhooks(
+            config.webhook_url, config.webhook_secret, queue_size=config.webhook_queue_size,
+            timeout=config.webhook_timeout, retries=config.webhook_retries, metrics=metrics,
+        )
     return Registry(
         rules,
+        metrics=metrics,
+        webhooks=webhooks,
         max_calls=config.max_calls,
         mailbox_size=config.mailbox_size,
         heartbeat_interval=config.heartbeat_interval,

@@ -129,7 +129,7 @@ def option_parser() -> OptionParser:
     """A private parser with every option defined (type, default, help)."""
     parser = OptionParser()
     for f in dataclasses.fields(Config):
-        default = f.default
+        default: Any = f.default
         multiple = isinstance(default, tuple)
         parser.define(
             f.name, default=list(default) if multiple else default,

@@ -8,6 +8,7 @@ periodic ``sweep`` expires any call whose deadline passed without its actor noti
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
@@ -119,10 +120,11 @@ class Registry:
         self._order[Status.WAITING].append(order)
         task = asyncio.ensure_future(actor.run())
         self._tasks.add(task)
-        task.add_done_callback(lambda t, a=actor: self._finished(t, a))
+        task.add_done_callback(functools.partial(self._finished, actor=actor))
         self._created += 1
         actor.log.info("call %s created", call_id)
         if self.webhooks is not None:
+            self.webhooks.start()
             self.webhooks.emit("call_created", call_id, peer_id=peer_id)
         return Created(actor, peer_id, peer_token, joined)
 
@@ -181,7 +183,7 @@ class Registry:
             for status in self._order:
                 self._unindex(actor, status)
 
-    def _finished(self, task: asyncio.Task[None], actor: CallActor) -> None:
+    def _finished(self, task: asyncio.Task[None], *, actor: CallActor) -> None:
         self._tasks.discard(task)
         if self._actors.get(actor.call_id) is actor:
             actor.log.error("call %s stopped without ending; dropping it", actor.call_id)
@@ -246,6 +248,8 @@ class Registry:
             _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
             for task in pending:
                 task.cancel()
+        if self.webhooks is not None:
+            await self.webhooks.close(timeout)
 
     def statistics(self) -> Statistics:
         return Statistics(

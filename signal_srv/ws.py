@@ -12,7 +12,7 @@ import time
 from asyncio import Future
 from typing import Any
 
-from tornado.iostream import StreamBufferFullError
+from tornado.iostream import IOStream, StreamBufferFullError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from signal_srv import messages
@@ -62,6 +62,10 @@ class SignalingSocket(WebSocketHandler):
         self._rate: TokenBucket | None = None
         self._strikes = 0
 
+    def _stream(self) -> IOStream | None:
+        """The upgraded connection's stream (None once closed)."""
+        return getattr(self.ws_connection, "stream", None)
+
     def check_origin(self, origin: str) -> bool:
         allowed = self.config.allowed_origins
         if "*" in allowed or origin in allowed or super().check_origin(origin):
@@ -70,8 +74,9 @@ class SignalingSocket(WebSocketHandler):
         return False
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
-        assert self.ws_connection is not None
-        self.ws_connection.stream.max_write_buffer_size = self.config.ws_write_buffer_limit  # type: ignore[attr-defined]
+        stream = self._stream()
+        assert stream is not None
+        stream.max_write_buffer_size = self.config.ws_write_buffer_limit
         if self.metrics.sockets >= self.limits.max_sockets or self.registry.closing:
             self.close(TRY_AGAIN_LATER, "server busy")
             return
@@ -122,8 +127,9 @@ class SignalingSocket(WebSocketHandler):
 
     def abort(self) -> None:
         """Drop a dead peer's connection at once, without waiting for a closing handshake."""
-        if self.ws_connection is not None:
-            self.ws_connection.stream.close()  # type: ignore[attr-defined]
+        stream = self._stream()
+        if stream is not None:
+            stream.close()
 
     async def on_message(self, message: str | bytes) -> None:
         self.awaiting_pong_since = None
@@ -193,8 +199,8 @@ class SignalingSocket(WebSocketHandler):
             logger.debug("dropped a frame for a closed socket")
         except StreamBufferFullError:
             logger.warning("closing a socket whose reader fell %d bytes behind", self.config.ws_write_buffer_limit)
-            assert self.ws_connection is not None
-            stream = self.ws_connection.stream  # type: ignore[attr-defined]
+            stream = self._stream()
+            assert stream is not None
             stream.max_write_buffer_size = None
             self.close(TRY_AGAIN_LATER, "slow reader")
             stream.close()  # it does not read, so it would never answer the closing handshake

@@ -136,3 +136,18 @@ async def test_create_join_and_config_hand_out_turn_credentials_not_the_secret(
     assert (status, body["error"]["code"]) == (401, "unauthorized")
     everything = json.dumps([host, guest]) + "\n".join(debug_logs)
     assert "north" not in everything
+
+
+async def test_both_participants_observe_the_same_order_of_events(client: SignalingClient) -> None:
+    pair = await make_pair(client)
+    a2 = await client.connect_as(pair.host)  # replaces the host's socket
+    b_saw = [await pair.b.wait_for("state")]
+    b2 = await client.connect_as(pair.guest)  # replaces the guest's socket
+    b_saw.append(await b2.wait_for("state"))
+    a_saw = [await a2.wait_for("state"), await a2.wait_for("state")]
+    def events(frames: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+        return [(m["event"], m["subject"], m["participants"]["connected"]) for m in frames]
+    assert events(a_saw) == events(b_saw) == [
+        ("connected", pair.host["peer_id"], 2), ("connected", pair.guest["peer_id"], 2)]
+    assert [m["peer_id"] for m in a_saw] == [pair.host["peer_id"]] * 2
+    assert [m["peer_id"] for m in b_saw] == [pair.guest["peer_id"]] * 2

@@ -184,3 +184,30 @@ async def test_sigterm_tells_every_socket_and_exits_0(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_serve_puts_metrics_on_their_own_port_when_asked(io_loop: Any) -> None:
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.testing import bind_unused_port
+
+    from signal_srv.config import Config
+    from signal_srv.server import serve
+
+    ports = []
+    for _ in range(2):
+        sock, port = bind_unused_port()
+        sock.close()
+        ports.append(port)
+    stop = asyncio.Event()
+    server = asyncio.ensure_future(serve(Config(port=ports[0], metrics_port=ports[1]), stop))
+    http = AsyncHTTPClient()
+
+    async def fetch(port: int, path: str) -> int:
+        return (await http.fetch(f"http://127.0.0.1:{port}{path}", raise_error=False)).code
+
+    await asyncio.sleep(0)  # serve() listens before its first await
+    assert await asyncio.wait_for(fetch(ports[1], "/metrics"), TIMEOUT) == 200
+    assert await asyncio.wait_for(fetch(ports[0], "/metrics"), TIMEOUT) == 404
+    assert await asyncio.wait_for(fetch(ports[0], "/healthz"), TIMEOUT) == 200
+    stop.set()
+    await asyncio.wait_for(server, TIMEOUT)

@@ -172,14 +172,14 @@ class CallActor:
         deadline = self.call.deadline()
         return deadline is not None and now >= deadline
 
-    def tell(self, event: Event, socket: Socket | None = None) -> None:
-        """Queue an event without waiting. Raises ``CallEnded`` or, if the inbox is full, ``CallBusy``."""
+    def tell(self, event: Event, socket: Socket | None = None) -> bool:
+        """Queue an event without waiting; False if the inbox is full. Raises ``CallEnded``."""
         self._check_alive()
         try:
             self._queue.put_nowait(Envelope(event, None, socket))
         except QueueFull:
-            self.log.warning("inbox full (%d envelopes), refusing %s", self._queue.maxsize, type(event).__name__)
-            raise CallBusy() from None
+            return False
+        return True
 
     async def put(self, event: Event, socket: Socket | None = None) -> None:
         """Queue an event, waiting for room: the back-pressure path for socket traffic."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Awaitable, Iterator
 
 from signal_srv.actor import CallActor, CallSummary, Joined
 from signal_srv.call import Call, CallRules, Expire, Notify, Status
-from signal_srv.errors import CallBusy, CallEnded, CallNotFound, Capacity
+from signal_srv.errors import CallEnded, CallNotFound, Capacity
 from signal_srv.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -224,9 +224,8 @@ class Registry:
             for actor in actors[start:start + SWEEP_BATCH]:
                 if actor.overdue(now):
                     try:
-                        actor.tell(Expire())
-                        told += 1
-                    except (CallBusy, CallEnded):
+                        told += actor.tell(Expire())
+                    except CallEnded:
                         pass
             await asyncio.sleep(0)
         self._sweeps += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from asyncio import Future
-from typing import Any
+from typing import Any, Awaitable
 
 from tornado.iostream import IOStream, StreamBufferFullError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
@@ -131,31 +131,53 @@ class SignalingSocket(WebSocketHandler):
         if stream is not None:
             stream.close()
 
-    async def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        """Hand the frame to the actor at once; only a full inbox returns an awaitable.
+
+        Tornado awaits a returned awaitable before it reads the next frame, which keeps the
+        socket's order and applies back-pressure; returning None spares a Task per frame.
+        """
         self.awaiting_pong_since = None
         try:
-            await self._receive(message)
+            return self._receive(message)
         except Exception:
-            # An exception escaping on_message would drop the TCP connection without a close frame.
-            logger.exception("unexpected error handling a frame; closing the socket")
-            self.close(INTERNAL_ERROR, "internal error")
+            self._internal_error()
+            return None
 
-    async def _receive(self, message: str | bytes) -> None:
+    def _internal_error(self) -> None:
+        # An exception escaping on_message would drop the TCP connection without a close frame.
+        logger.exception("unexpected error handling a frame; closing the socket")
+        self.close(INTERNAL_ERROR, "internal error")
+
+    def _receive(self, message: str | bytes) -> Awaitable[None] | None:
         if isinstance(message, bytes):
             self.close(UNSUPPORTED_DATA, "binary frames are not accepted")
-            return
+            return None
         if self._over_rate():
-            return
+            return None
         try:
             parsed = messages.parse(message, self.config.max_message_size)
         except SignalError as exc:
             self._send_error(exc.code, exc.message)
-            return
-        if self._actor is not None:
-            try:
-                await self._actor.put(Receive(self.conn, parsed), socket=self)
-            except CallEnded:
-                pass  # the actor closes this socket as it stops
+            return None
+        actor = self._actor
+        if actor is None:
+            return None
+        event = Receive(self.conn, parsed)
+        try:
+            if actor.tell(event, socket=self):
+                return None
+        except CallEnded:
+            return None  # the actor closes this socket as it stops
+        return self._put_when_room(actor, event)
+
+    async def _put_when_room(self, actor: CallActor, event: Receive) -> None:
+        try:
+            await actor.put(event, socket=self)
+        except CallEnded:
+            pass
+        except Exception:
+            self._internal_error()
 
     def _over_rate(self) -> bool:
         if self._rate is None:
@@ -184,10 +206,9 @@ class SignalingSocket(WebSocketHandler):
         if actor is None:
             return
         try:
-            actor.tell(Disconnect(self.conn))
-        except CallBusy:
-            # A disconnect must not be lost, or the participant would look connected forever.
-            self.registry.defer(actor.put(Disconnect(self.conn)))
+            if not actor.tell(Disconnect(self.conn)):
+                # A disconnect must not be lost, or the participant would look connected forever.
+                self.registry.defer(actor.put(Disconnect(self.conn)))
         except CallEnded:
             pass
 

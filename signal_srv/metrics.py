@@ -66,9 +66,12 @@ class _Collector:
             _counter("signal_srv_errors", "error answers, by code", "code", self.metrics.errors),
             _counter("signal_srv_rate_limited", "requests refused by a rate limit, by limit", "limit",
                      self.metrics.rate_limited),
-            _counter("signal_srv_webhooks", "webhook events by outcome: delivered, failed, dropped, retried",
-                     "outcome", self.metrics.webhooks),
         )
+        webhooks = CounterMetricFamily(
+            "signal_srv_webhooks", "webhook events by outcome (retried: extra attempts)", labels=["outcome"])
+        for outcome in ("delivered", "failed", "dropped", "retried"):
+            webhooks.add_metric([outcome], self.metrics.webhooks.get(outcome, 0))
+        yield webhooks
 
 
 def _counter(name: str, documentation: str, label: str, counts: Counter[str]) -> Metric:

@@ -17,6 +17,8 @@ setup(
     entry_points={
         "console_scripts": [
             "signal-srv = signal_srv.server:main",
+            "signal-srv-stress = signal_srv.stress:main",
+            "signal-srv-bench = signal_srv.bench:main",
         ],
     },
 )

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from tornado.httpclient import AsyncHTTPClient
 
-from signal_srv.client import ApiError, Connection, ConnectionClosed, SignalingClient
+from signal_srv.client import Connection, ConnectionClosed, SignalingClient
 
 __all__ = [
     "GENEROUS_LIMITS",
@@ -48,11 +48,12 @@ RELAY_TYPES = frozenset({"offer", "answer", "candidate", "bye", "message"})
 MAX_FAILURES_KEPT = 20
 
 # Server options the spawned server gets, when (and only when) its --help lists them:
-# per-IP rate limits must not throttle a load generator that runs on 127.0.0.1 by design.
+# per-IP and per-socket rate limits must not throttle a load generator that runs on
+# 127.0.0.1 by design (0: no limit).
 GENEROUS_LIMITS: dict[str, str] = {
-    "rate_create": "1000000",
-    "rate_join": "1000000",
-    "ws_rate": "1000000",
+    "rate_create": "0",
+    "rate_join": "0",
+    "ws_rate": "0",
 }
 
 
@@ -290,7 +291,7 @@ class _Run:
         sides: list[Side] = []
         try:
             ok = await self._call(mid_run, sides, deadline)
-        except (ApiError, ConnectionError, OSError, TimeoutError, ConnectionClosed) as exc:
+        except Exception as exc:  # any failure of the server or the network is a finding, not a crash
             ok = False
             self.result.unexpected_errors += 1
             self.result.fail(f"call #{index}: {type(exc).__name__}: {exc}")
@@ -458,10 +459,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_options() -> set[str]:
+def server_env(server_dir: str | None) -> dict[str, str] | None:
+    """The environment for a server run from ``server_dir`` (e.g. a git snapshot), or None to inherit."""
+    if not server_dir:
+        return None
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": os.path.abspath(server_dir) + (os.pathsep + path if path else "")}
+
+
+def server_options(server_dir: str | None = None) -> set[str]:
     """Option names (with underscores) that ``python -m signal_srv --help`` lists."""
     out = subprocess.run([sys.executable, "-m", "signal_srv", "--help"], capture_output=True, text=True,
-                         timeout=30).stdout
+                         timeout=30, cwd=server_dir or None, env=server_env(server_dir)).stdout
     names = set()
     for line in out.splitlines():
         word = line.strip().split(" ")[0]
@@ -485,9 +494,9 @@ class Spawned:
                 self.process.wait()
 
 
-def spawn(argv: list[str], port: int, cpu: int | None = None, ready_path: str = "/healthz") -> Spawned:
-    """Start a server process and wait (at most 15 s) until it answers on 127.0.0.1:``port``."""
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+def spawn(argv: list[str], port: int, cpu: int | None = None, server_dir: str | None = None) -> Spawned:
+    """Start a server process and wait (at most 15 s) until it listens on 127.0.0.1:``port``."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=server_dir or None, env=server_env(server_dir))
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(process.pid, {cpu})
     base_url = f"http://127.0.0.1:{port}"
@@ -504,15 +513,21 @@ def spawn(argv: list[str], port: int, cpu: int | None = None, ready_path: str = 
     raise RuntimeError(f"server did not listen on port {port} within 15 s")
 
 
-def spawn_server(calls: int = 0, cpu: int | None = None, extra: Sequence[str] = ()) -> Spawned:
-    """``python -m signal_srv`` on a free port, quiet, with room for ``calls`` calls."""
+def spawn_server(
+    calls: int = 0, cpu: int | None = None, extra: Sequence[str] = (), server_dir: str | None = None
+) -> Spawned:
+    """``python -m signal_srv`` on a free port, quiet, with room for ``calls`` calls.
+
+    ``server_dir``: run the server from that source tree instead (e.g. a ``git archive``
+    snapshot, for before/after comparisons).
+    """
     raise_nofile(max(4 * calls + 1024, 4096))
-    known = server_options()
+    known = server_options(server_dir)
     port = free_port()
     argv = [sys.executable, "-m", "signal_srv", f"--port={port}", "--address=127.0.0.1", "--log_level=warning",
             f"--max_calls={max(100000, 4 * calls)}"]
     argv += [f"--{name}={value}" for name, value in GENEROUS_LIMITS.items() if name in known]
-    return spawn(argv + list(extra), port, cpu)
+    return spawn(argv + list(extra), port, cpu, server_dir)
 
 
 # Command line ------------------------------------------------------------------------------
@@ -552,6 +567,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=StressOptions.timeout,
                    help="cap on every single wait, seconds (default %(default)s)")
     p.add_argument("--seed", type=int, help="seed choosing the calls ended mid-run")
+    p.add_argument("--server-dir", help="with --spawn: run signal_srv from this source tree (e.g. a git snapshot)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = p.parse_args(argv)
     if args.url and args.spawn:
@@ -575,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = StressOptions(calls=args.calls, candidates=args.candidates, end_fraction=args.end_fraction,
                             duration=args.duration, timeout=args.timeout, seed=args.seed)
     raise_nofile(4 * options.calls + 1024)
-    server = None if args.url else spawn_server(options.calls)
+    server = None if args.url else spawn_server(options.calls, server_dir=args.server_dir)
     try:
         url = args.url or server.base_url  # type: ignore[union-attr]
         live = _progress_line if sys.stdout.isatty() and not args.json else None

@@ -1,0 +1,848 @@
+"""``python -m signal_srv.bench``: signal_srv against a bare-Tornado floor, as ratios from one run.
+
+Both servers run as separate processes pinned to CPU 0; this process (the load client)
+pins itself to CPU 1. Each figure is taken on a fresh server process, floor and
+signal_srv alternating (A/B, then B/A in the next round), with the same client code and
+the same load. The floor (``--floor-server``) is the least a relay can do on Tornado: a
+JSON ``POST`` that returns an id, and a WebSocket that pairs two sockets by key and
+forwards text frames. The load client speaks HTTP/1.1 keep-alive and WebSocket on raw
+asyncio protocols, so that it costs far less CPU per message than the servers it drives;
+every figure still reports the client's CPU and is flagged when the client used >= 90 %
+of its core (then it understates the server).
+
+Everything targets 127.0.0.1; every phase is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import gc
+import itertools
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+from urllib.parse import urlencode
+
+if TYPE_CHECKING:
+    from signal_srv.stress import Spawned, StressOptions
+
+__all__ = ["main", "floor_server", "sweep_probe"]
+
+# The floor and the sweep probe run as their own processes, from --server-dir when given
+# (so that a snapshot's signal_srv is measured); this module is run there by path, which
+# is why nothing from signal_srv is imported at the top.
+RUN_BY_PATH = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+SERVER_CPU, CLIENT_CPU = 0, 1
+CLIENT_BOUND = 0.90
+SIGNAL, FLOOR = "signal_srv", "floor"
+WS_KEY = base64.b64encode(b"signal-srv-bench").decode()
+try:
+    from tornado.speedups import websocket_mask as _mask  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - the pure-Python fallback
+    from tornado.util import _websocket_mask_python as _mask
+
+
+# The floor server ------------------------------------------------------------------------
+
+
+def floor_server(port: int, heartbeat: float = 20.0) -> None:
+    """Run the floor on 127.0.0.1:``port`` until killed."""
+    from tornado.ioloop import IOLoop
+    from tornado.web import Application, RequestHandler
+    from tornado.websocket import WebSocketHandler
+
+    counter = itertools.count(1)
+    rooms: dict[str, list[Any]] = {}
+
+    class Post(RequestHandler):
+        def post(self) -> None:
+            self.write({"id": f"k{next(counter)}"})
+
+    class Relay(WebSocketHandler):
+        def open(self) -> None:  # type: ignore[override]
+            self.key = self.get_query_argument("key")
+            rooms.setdefault(self.key, []).append(self)
+
+        def on_message(self, message: str | bytes) -> None:
+            for other in rooms.get(self.key, ()):
+                if other is not self:
+                    other.write_message(message)
+
+        def on_close(self) -> None:
+            room = rooms.get(self.key, [])
+            if self in room:
+                room.remove(self)
+            if not room:
+                rooms.pop(self.key, None)
+
+    app = Application([(r"/calls", Post), (r"/ws", Relay)], websocket_ping_interval=heartbeat,
+                      websocket_ping_timeout=heartbeat)
+    app.listen(port, "127.0.0.1")
+    IOLoop.current().start()
+
+
+# The sweep probe (T9 and the registered-call size of T4) ----------------------------------
+
+
+async def _sweep_probe(calls: int) -> dict[str, float]:
+    from signal_srv.app import make_registry
+    from signal_srv.config import Config
+
+    registry = make_registry(Config(max_calls=calls + 1))
+    gc.collect()
+    before = rss_bytes(os.getpid())
+    started = time.perf_counter()
+    for i in range(calls):
+        registry.create()
+        if i % 1000 == 999:
+            await asyncio.sleep(0)  # let the new actors reach their first queue read
+    await asyncio.sleep(0)
+    create_s = time.perf_counter() - started
+    gc.collect()
+    per_call = (rss_bytes(os.getpid()) - before) / calls
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            before = loop.time()
+            await asyncio.sleep(0.001)  # the lag monitor's tick, not a wait for a condition
+            lags.append(1000.0 * (loop.time() - before - 0.001))
+
+    watcher = asyncio.ensure_future(watch())
+    await asyncio.sleep(0.05)
+    sweeps = []
+    for _ in range(3):
+        t = time.perf_counter()
+        await registry.sweep()
+        sweeps.append(1000.0 * (time.perf_counter() - t))
+    stop.set()
+    await watcher
+    await registry.close(timeout=30)
+    return {"calls": calls, "create_s": round(create_s, 2), "bytes_per_registered_call": round(per_call),
+            "sweep_ms": round(max(sweeps), 1), "max_loop_lag_ms": round(max(lags), 2)}
+
+
+def sweep_probe(calls: int) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(asyncio.run(_sweep_probe(calls))))
+
+
+# Process measurements -----------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Window:
+    """CPU used by the server and by this client over a measured stretch of wall time."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.wall, self.server, self.client = time.perf_counter(), cpu_seconds(pid), own_cpu_seconds()
+
+    def close(self) -> dict[str, float]:
+        wall = max(time.perf_counter() - self.wall, 1e-9)
+        return {"seconds": round(wall, 2),
+                "server_cpu": round((cpu_seconds(self.pid) - self.server) / wall, 3),
+                "client_cpu": round((own_cpu_seconds() - self.client) / wall, 3)}
+
+
+# The load client: HTTP keep-alive and WebSocket on raw protocols -------------------------
+
+
+class Http(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; one request at a time."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buffer[:head_end]).decode("latin-1").split("\r\n")
+        length = 0
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        if len(self.buffer) < head_end + 4 + length:
+            return
+        body = bytes(self.buffer[head_end + 4:head_end + 4 + length])
+        del self.buffer[:head_end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        waiter.set_result((int(head[0].split()[1]), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection lost"))
+
+    async def post(self, path: str) -> tuple[int, bytes]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode())
+        return await self.waiter
+
+
+class Ws(asyncio.Protocol):
+    """One client WebSocket: answers pings, hands text frames to ``on_text(ws, data)``."""
+
+    def __init__(self, on_text: Callable[[Ws, bytes], None]) -> None:
+        self.on_text = on_text
+        self.buffer = bytearray()
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.open = False
+        self.pair: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.open:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(self.buffer[:12])
+            del self.buffer[:end + 4]
+            if b" 101" not in status:
+                self.handshake.set_exception(ConnectionError(f"handshake refused: {status!r}"))
+                return
+            self.open = True
+            self.handshake.set_result(None)
+        self._frames()
+
+    def _frames(self) -> None:
+        buf, pos, size = self.buffer, 0, len(self.buffer)
+        while size - pos >= 2:
+            opcode, length, head = buf[pos] & 0x0F, buf[pos + 1] & 0x7F, 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+            if size - pos < head + length:
+                break
+            payload = bytes(buf[pos + head:pos + head + length])
+            pos += head + length
+            if opcode == 1:
+                self.on_text(self, payload)
+            elif opcode == 9:
+                self._write(0x8A, payload)
+            elif opcode == 8:
+                self.open = False
+                if self.transport is not None:
+                    self.transport.close()
+        del buf[:pos]
+
+    def _write(self, first: int, payload: bytes) -> None:
+        n = len(payload)
+        head = bytes([first, 0x80 | n]) if n < 126 else bytes([first, 0x80 | 126]) + n.to_bytes(2, "big")
+        key = os.urandom(4)
+        assert self.transport is not None
+        self.transport.write(head + key + _mask(key, payload))
+
+    def send(self, payload: bytes) -> None:
+        if self.open:
+            self._write(0x81, payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError("connection lost during the handshake"))
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("connection lost before the pair was ready"))
+
+
+async def http_connect(port: int) -> Http:
+    _, protocol = await asyncio.get_running_loop().create_connection(Http, "127.0.0.1", port)
+    return protocol
+
+
+async def ws_connect(port: int, path: str, on_text: Callable[[Ws, bytes], None]) -> Ws:
+    _, ws = await asyncio.get_running_loop().create_connection(lambda: Ws(on_text), "127.0.0.1", port)
+    assert ws.transport is not None
+    ws.transport.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                        f"Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                        ).encode())
+    await ws.handshake
+    return ws
+
+
+# Targets: how each server makes a pair --------------------------------------------------------
+
+
+@dataclass
+class Target:
+    kind: str
+    server: Spawned
+    port: int
+
+    @property
+    def create_path(self) -> str:
+        return "/apiv2/calls" if self.kind == SIGNAL else "/calls"
+
+    async def pair_paths(self, http: Http) -> tuple[str, str]:
+        """Create (and for signal_srv, join) one call; the two sockets' paths."""
+        status, body = await http.post(self.create_path)
+        if status not in (200, 201):
+            raise ConnectionError(f"create answered {status}: {body[:200]!r}")
+        created = json.loads(body)
+        if self.kind == FLOOR:
+            path = "/ws?" + urlencode({"key": created["id"]})
+            return path, path
+        status, body = await http.post(f"/apiv2/calls/{created['call_id']}/join")
+        if status != 200:
+            raise ConnectionError(f"join answered {status}: {body[:200]!r}")
+        joined = json.loads(body)
+        return tuple(  # type: ignore[return-value]
+            "/apiv2/ws?" + urlencode({"call_id": c["call_id"], "peer_id": c["peer_id"], "token": c["peer_token"]})
+            for c in (created, joined))
+
+
+@dataclass
+class Pair:
+    a: Ws
+    b: Ws
+    sent_at: float = 0.0
+
+
+class Load:
+    """Pairs of sockets against one target, with what they relay going to ``on_relay``."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.pairs: list[Pair] = []
+        self.on_relay: Callable[[Ws, bytes], None] = lambda ws, data: None
+        self.errors = 0
+
+    def _on_text(self, ws: Ws, data: bytes) -> None:
+        if data.startswith(b'{"type":"state"'):
+            if b'"connected":2' in data and not ws.ready.done():
+                ws.ready.set_result(None)
+            return
+        self.on_relay(ws, data)
+
+    async def create(self, count: int, concurrency: int = 50) -> list[tuple[str, str]]:
+        paths: list[tuple[str, str]] = []
+        conns = [await http_connect(self.target.port) for _ in range(min(concurrency, count))]
+
+        async def worker(http: Http, share: int) -> None:
+            for _ in range(share):
+                paths.append(await self.target.pair_paths(http))
+
+        shares = [count // len(conns) + (i < count % len(conns)) for i in range(len(conns))]
+        await asyncio.gather(*(worker(h, s) for h, s in zip(conns, shares)))
+        for h in conns:
+            assert h.transport is not None
+            h.transport.close()
+        return paths
+
+    async def connect(self, paths: Sequence[tuple[str, str]], concurrency: int | None, timeout: float) -> int:
+        """Open both sockets of every pair and wait until each pair is ready; return the errors."""
+        slots = asyncio.Semaphore(concurrency or len(paths) * 2)
+
+        async def one(path: str) -> Ws:
+            async with slots:
+                ws = await ws_connect(self.target.port, path, self._on_text)
+            if self.target.kind == FLOOR:
+                ws.ready.set_result(None)  # the floor pairs synchronously in open()
+            return ws
+
+        async def pair(a_path: str, b_path: str) -> None:
+            try:
+                a, b = await asyncio.gather(one(a_path), one(b_path))
+                await asyncio.gather(a.ready, b.ready)
+            except (OSError, ConnectionError):
+                self.errors += 1
+                return
+            a.pair = b.pair = p = Pair(a, b)
+            self.pairs.append(p)
+
+        await asyncio.wait_for(asyncio.gather(*(pair(a, b) for a, b in paths)), timeout)
+        return self.errors
+
+    def close(self) -> None:
+        for p in self.pairs:
+            for ws in (p.a, p.b):
+                if ws.transport is not None:
+                    ws.transport.close()
+
+
+# Scenarios -------------------------------------------------------------------------------------
+
+CANDIDATE = json.dumps({"type": "candidate", "payload": {
+    "candidate": "candidate:842163049 1 udp 1677729535 127.0.0.1 54400 typ srflx raddr 0.0.0.0 rport 0 generation 0 "
+                 "ufrag abcd network-id 1 network-cost 10", "sdpMid": "0", "sdpMLineIndex": 0}},
+    separators=(",", ":")).encode()
+OFFER = json.dumps({"type": "offer", "payload": {"type": "offer", "sdp": "v=0\r\n" + "a=x-bench:" + "y" * 1990}},
+                   separators=(",", ":")).encode()
+ANSWER = OFFER.replace(b'"offer"', b'"answer"')
+
+
+async def post_rate(target: Target, concurrency: int, seconds: float) -> dict[str, Any]:
+    """T7: POST requests/s at ``concurrency`` keep-alive connections."""
+    conns = [await http_connect(target.port) for _ in range(concurrency)]
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def worker(http: Http, until: float) -> None:
+        while loop.time() < until:
+            t = time.perf_counter()
+            status, _ = await http.post(target.create_path)
+            if status in (200, 201):
+                latencies.append(1000.0 * (time.perf_counter() - t))
+
+    await asyncio.gather(*(worker(h, loop.time() + 0.5) for h in conns))  # warm-up
+    latencies.clear()
+    window = Window(target.server.process.pid)
+    await asyncio.gather(*(worker(h, loop.time() + seconds) for h in conns))
+    usage = window.close()
+    for h in conns:
+        assert h.transport is not None
+        h.transport.close()
+    from signal_srv.stress import percentiles
+
+    return {"req_per_s": round(len(latencies) / usage["seconds"]), "latency_ms": percentiles(latencies), **usage}
+
+
+async def closed_loop(load: Load, seconds: float) -> dict[str, Any]:
+    """T1: every pair ping-pongs a candidate-sized message as fast as the relay allows."""
+    count = 0
+    running = True
+
+    def on_relay(ws: Ws, data: bytes) -> None:
+        nonlocal count
+        count += 1
+        if running:
+            ws.send(CANDIDATE)
+
+    load.on_relay = on_relay
+    for p in load.pairs:
+        p.a.send(CANDIDATE)
+    await asyncio.sleep(1.0)  # warm-up at full load: a measured stretch of time, not a wait for an event
+    start_count, window = count, Window(load.target.server.process.pid)
+    await asyncio.sleep(seconds)  # the measured stretch
+    measured, usage = count - start_count, window.close()
+    running = False
+    await asyncio.sleep(0.5)  # let in-flight messages drain before the next phase
+    load.on_relay = lambda ws, data: None
+    return {"msgs_per_s": round(measured / usage["seconds"]), **usage}
+
+
+async def paced(
+    load: Load, seconds: float, low: float = 1.0, high: float = 3.0, active: int | None = None
+) -> dict[str, Any]:
+    """T2/T3: each of the first ``active`` pairs (default: all) does one offer->answer exchange
+    every ``low``-``high`` s; the others stay idle. Hop and round-trip latency."""
+    hops: list[float] = []
+    trips: list[float] = []
+    loop = asyncio.get_running_loop()
+    rng = random.Random(1)
+    running = True
+    measuring = False
+
+    def fire(p: Pair) -> None:
+        if running:
+            p.sent_at = time.perf_counter()
+            p.a.send(OFFER)
+            loop.call_later(rng.uniform(low, high), fire, p)
+
+    def on_relay(ws: Ws, data: bytes) -> None:
+        p: Pair = ws.pair
+        elapsed = 1000.0 * (time.perf_counter() - p.sent_at)
+        if ws is p.b:
+            if measuring:
+                hops.append(elapsed)
+            ws.send(ANSWER)
+        elif measuring:
+            trips.append(elapsed)
+
+    load.on_relay = on_relay
+    for p in load.pairs[:active]:
+        loop.call_later(rng.uniform(0, high - low), fire, p)
+    await asyncio.sleep(high)  # ramp-up: every pair has started its cycle
+    measuring, window = True, Window(load.target.server.process.pid)
+    await asyncio.sleep(seconds)  # the measured stretch
+    measuring, usage = False, window.close()
+    running = False
+    await asyncio.sleep(0.3)  # in-flight exchanges drain
+    load.on_relay = lambda ws, data: None
+    from signal_srv.stress import percentiles
+
+    return {"hop_ms": percentiles(hops), "round_trip_ms": percentiles(trips), **usage}
+
+
+async def create_latency(target: Target, count: int) -> dict[str, Any]:
+    """Sequential create latency on one keep-alive connection."""
+    http = await http_connect(target.port)
+    latencies = []
+    for _ in range(count):
+        t = time.perf_counter()
+        await http.post(target.create_path)
+        latencies.append(1000.0 * (time.perf_counter() - t))
+    assert http.transport is not None
+    http.transport.close()
+    from signal_srv.stress import percentiles
+
+    return percentiles(latencies)
+
+
+# Running figures on fresh servers --------------------------------------------------------------
+
+
+def helper_argv(*args: str) -> list[str]:
+    """Run this module, by path, as a helper process (the floor or the sweep probe)."""
+    return [sys.executable, "-c", RUN_BY_PATH, os.path.abspath(__file__), *args]
+
+
+def start(kind: str, calls: int, server_dir: str | None) -> Target:
+    from signal_srv.stress import free_port, spawn, spawn_server
+
+    if kind == SIGNAL:
+        server = spawn_server(calls, cpu=SERVER_CPU, server_dir=server_dir)
+    else:
+        port = free_port()
+        server = spawn(helper_argv("--floor-server", f"--port={port}"), port, SERVER_CPU)
+    return Target(kind, server, int(server.base_url.rsplit(":", 1)[1]))
+
+
+async def level(kind: str, calls: int, plan: Plan) -> dict[str, Any]:
+    """One fresh server holding ``calls`` connected pairs: memory, paced, create latency, closed loop."""
+    target = start(kind, calls, plan.server_dir)
+    figures: dict[str, Any] = {}
+    load = Load(target)
+    try:
+        await create_latency(target, 20)  # warm the server's code paths
+        gc.collect()
+        base_rss = rss_bytes(target.server.process.pid)
+        paths = await load.create(calls)
+        t = time.perf_counter()
+        figures["connect_errors"] = await load.connect(paths, 500, timeout=120)
+        figures["connect_s"] = round(time.perf_counter() - t, 2)
+        figures["rss_per_call_bytes"] = round((rss_bytes(target.server.process.pid) - base_rss) / calls)
+        if calls in plan.paced_levels:
+            figures["paced"] = await paced(load, plan.paced_seconds)
+        if calls in (plan.small, plan.large):
+            # T3: the same load (100 calls, an exchange every 0.2-0.6 s) with the rest idle.
+            figures["growth"] = await paced(load, plan.paced_seconds, 0.2, 0.6, active=plan.small)
+            figures["create_ms"] = await create_latency(target, 200)
+        if calls in plan.closed_levels:
+            figures["closed"] = await closed_loop(load, plan.closed_seconds)
+    finally:
+        target.server.stop()  # the server closes first: no TIME_WAIT piles up on the client side
+        load.close()
+    return figures
+
+
+async def connect_storm(kind: str, calls: int, server_dir: str | None) -> dict[str, Any]:
+    """T8: ``calls`` pre-created calls connect all their sockets at once."""
+    target = start(kind, calls, server_dir)
+    load = Load(target)
+    try:
+        paths = await load.create(calls)
+        window = Window(target.server.process.pid)
+        errors = await load.connect(paths, None, timeout=60)
+        usage = window.close()
+    finally:
+        target.server.stop()
+        load.close()
+    return {"errors": errors, "pairs": len(load.pairs), **usage}
+
+
+async def post_figure(kind: str, plan: Plan) -> dict[str, Any]:
+    target = start(kind, 0, plan.server_dir)
+    try:
+        return await post_rate(target, 50, plan.post_seconds)
+    finally:
+        target.server.stop()
+
+
+async def stress_figure(plan: Plan) -> dict[str, Any]:
+    from signal_srv.stress import run_stress, spawn_server
+
+    server = spawn_server(plan.stress.calls, cpu=SERVER_CPU, server_dir=plan.server_dir)
+    try:
+        window = Window(server.process.pid)
+        result = await run_stress(server.base_url, plan.stress)
+        usage = window.close()
+    finally:
+        server.stop()
+    d = result.to_dict()
+    keep = ("ok", "calls_ok", "calls_failed", "sent", "delivered", "lost", "duplicated", "misrouted", "reordered",
+            "unexpected_errors", "unexpected_closes", "messages_per_s", "latency_ms")
+    return {**{k: d[k] for k in keep}, **usage}
+
+
+def probe(calls: int, server_dir: str | None) -> dict[str, Any]:
+    import subprocess
+
+    process = subprocess.Popen(helper_argv("--sweep-probe", f"--calls={calls}"), stdout=subprocess.PIPE, text=True,
+                               cwd=server_dir or None)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(process.pid, {SERVER_CPU})
+    out, _ = process.communicate(timeout=300)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+@dataclass
+class Plan:
+    rounds: int
+    paced_levels: tuple[int, ...]
+    closed_levels: tuple[int, ...]
+    paced_seconds: float
+    closed_seconds: float
+    post_seconds: float
+    storm_calls: int
+    sweep_calls: int
+    stress: StressOptions
+    small: int = 0
+    large: int = 0
+    levels: tuple[int, ...] = field(default=())
+    server_dir: str | None = None
+
+
+def make_plan(quick: bool, server_dir: str | None) -> Plan:
+    from signal_srv.stress import StressOptions
+
+    if quick:
+        return Plan(rounds=1, paced_levels=(100, 1000), closed_levels=(500, 1000), paced_seconds=4,
+                    closed_seconds=2, post_seconds=2, storm_calls=1000, sweep_calls=20000,
+                    stress=StressOptions(calls=300, candidates=10, end_fraction=0.3, duration=60),
+                    small=100, large=1000, levels=(100, 500, 1000), server_dir=server_dir)
+    return Plan(rounds=2, paced_levels=(100, 1000, 5000), closed_levels=(500, 1000), paced_seconds=10,
+                closed_seconds=5, post_seconds=5, storm_calls=2000, sweep_calls=100000,
+                stress=StressOptions(calls=1000, candidates=20, end_fraction=0.3, duration=180),
+                small=100, large=5000, levels=(100, 500, 1000, 5000), server_dir=server_dir)
+
+
+async def run_plan(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
+    """Every figure for both servers; A/B order alternates per round."""
+    raw: dict[str, dict[str, list[Any]]] = {SIGNAL: {}, FLOOR: {}}
+
+    async def both(name: str, make: Callable[[str], Awaitable[Any]], r: int) -> None:
+        for kind in ((FLOOR, SIGNAL) if r % 2 == 0 else (SIGNAL, FLOOR)):
+            say(f"  round {r + 1}: {name} on {kind}")
+            raw[kind].setdefault(name, []).append(await make(kind))
+
+    for r in range(plan.rounds):
+        await both("post", lambda k: post_figure(k, plan), r)
+        for calls in plan.levels:
+            await both(f"level_{calls}", lambda k, c=calls: level(k, c, plan), r)  # type: ignore[misc]
+        await both("storm", lambda k: connect_storm(k, plan.storm_calls, plan.server_dir), r)
+    say(f"  sweep probe (signal_srv registry in-process, {plan.sweep_calls} idle calls)")
+    sweep = probe(plan.sweep_calls, plan.server_dir)
+    say(f"  stress tool: {plan.stress.calls} calls, {plan.stress.candidates} candidates, "
+        f"{plan.stress.end_fraction:.0%} ended mid-run")
+    stress = await stress_figure(plan)
+    return {"raw": raw, "sweep": sweep, "stress": stress}
+
+
+# Summarising -------------------------------------------------------------------------------------
+
+
+def _pick(runs: list[Any], path: Sequence[str]) -> float | None:
+    values = []
+    for run in runs:
+        for key in path:
+            run = run.get(key) if isinstance(run, dict) else None
+        if isinstance(run, (int, float)):
+            values.append(float(run))
+    return statistics.median(values) if values else None
+
+
+@dataclass
+class Row:
+    figure: str
+    signal: float | None
+    floor: float | None
+    unit: str
+    target: str
+    met: bool | None
+    client_cpu: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.signal is None or not self.floor:
+            return None
+        return self.signal / self.floor
+
+
+def summarise(plan: Plan, results: dict[str, Any]) -> list[Row]:
+    raw, rows = results["raw"], []
+
+    def get(kind: str, name: str, *path: str) -> float | None:
+        return _pick(raw[kind].get(name, []), path)
+
+    def client(name: str, *path: str) -> float | None:
+        values = [v for v in (get(SIGNAL, name, *path, "client_cpu"), get(FLOOR, name, *path, "client_cpu"))
+                  if v is not None]
+        return max(values) if values else None
+
+    for calls in plan.closed_levels:
+        s, f = get(SIGNAL, f"level_{calls}", "closed", "msgs_per_s"), get(FLOOR, f"level_{calls}", "closed", "msgs_per_s")
+        ratio = s / f if s and f else None
+        rows.append(Row(f"T1 relay msgs/s, closed loop, {calls} calls", s, f, "msg/s", ">= 0.65x (0.8x)",
+                        ratio is not None and ratio >= 0.65, client(f"level_{calls}", "closed"),
+                        f"server CPU {get(SIGNAL, f'level_{calls}', 'closed', 'server_cpu')}"))
+    mid = 1000 if 1000 in plan.paced_levels else max(plan.paced_levels)
+    name = f"level_{mid}"
+    for q in ("p50", "p99"):
+        s, f = get(SIGNAL, name, "paced", "hop_ms", q), get(FLOOR, name, "paced", "hop_ms", q)
+        limit = 1.0 if q == "p50" else 5.0
+        met = s is not None and s <= limit and (q == "p50" or (f is not None and s <= 2 * f))
+        rows.append(Row(f"T2 paced hop {q}, {mid} calls", s, f, "ms", f"<= {limit:g} ms" + (", <= 2x floor" if q == "p99" else ""),
+                        met, client(name, "paced")))
+    small, large = plan.small, plan.large
+    s_small, s_large = get(SIGNAL, f"level_{small}", "growth", "hop_ms", "p99"), get(SIGNAL, f"level_{large}", "growth", "hop_ms", "p99")
+    f_small, f_large = get(FLOOR, f"level_{small}", "growth", "hop_ms", "p99"), get(FLOOR, f"level_{large}", "growth", "hop_ms", "p99")
+    sg = s_large / s_small if s_large and s_small else None
+    fg = f_large / f_small if f_large and f_small else None
+    rows.append(Row(f"T3 paced p99 growth {large} vs {small} calls", sg, fg, "x", "<= 1.5x", sg is not None and sg <= 1.5,
+                    client(f"level_{large}", "growth"), f"p99 {_fmt(s_small)} -> {_fmt(s_large)} ms; "
+                    "100 calls paced, rest idle"))
+    cs, cl = get(SIGNAL, f"level_{small}", "create_ms", "p50"), get(SIGNAL, f"level_{large}", "create_ms", "p50")
+    rows.append(Row(f"T3 create p50 growth {large} vs {small} calls", cl / cs if cs and cl else None, None, "x",
+                    "flat", cs is not None and cl is not None and cl / cs <= 1.5, None, f"{cs} -> {cl} ms"))
+    for calls in (c for c in (1000, 5000) if c in plan.levels):
+        s, f = get(SIGNAL, f"level_{calls}", "rss_per_call_bytes"), get(FLOOR, f"level_{calls}", "rss_per_call_bytes")
+        rows.append(Row(f"T4 RSS per connected call, {calls} calls", s, f, "B", "<= 1.5x floor",
+                        s is not None and f is not None and s <= 1.5 * f))
+    reg = results["sweep"]["bytes_per_registered_call"]
+    rows.append(Row("T4 RSS per registered call (no sockets)", reg, None, "B", "<= 3 KB", reg <= 3072))
+    s, f = get(SIGNAL, "post", "req_per_s"), get(FLOOR, "post", "req_per_s")
+    rows.append(Row("T7 POST req/s, concurrency 50", s, f, "req/s", ">= 0.5x", s is not None and f is not None and s >= 0.5 * f,
+                    client("post")))
+    s, f = get(SIGNAL, "storm", "seconds"), get(FLOOR, "storm", "seconds")
+    errs = (get(SIGNAL, "storm", "errors") or 0) + 0
+    rows.append(Row(f"T8 {plan.storm_calls} calls connecting at once", s, f, "s", "0 errors, <= 2x",
+                    errs == 0 and s is not None and f is not None and s <= 2 * f, client("storm"), f"errors {errs:g}"))
+    sweep = results["sweep"]
+    rows.append(Row(f"T9 loop lag during sweep, {sweep['calls']} idle calls", sweep["max_loop_lag_ms"], None, "ms",
+                    "<= 50 ms", sweep["max_loop_lag_ms"] <= 50, None, f"sweep {sweep['sweep_ms']} ms"))
+    st = results["stress"]
+    faults = sum(st[k] for k in ("lost", "duplicated", "misrouted", "reordered", "unexpected_errors", "unexpected_closes"))
+    rows.append(Row(f"T10 stress {plan.stress.calls} calls x {plan.stress.candidates} cand.", faults, None, "faults",
+                    "0", st["ok"], st["client_cpu"], f"{st['delivered']} delivered, {st['messages_per_s']} msg/s"))
+    return rows
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+
+def format_rows(rows: Iterable[Row]) -> str:
+    lines = [f"{'figure':<44} {'signal_srv':>11} {'floor':>10} {'ratio':>6} {'unit':<6} {'target':<22} {'met':<4} "
+             f"{'client':>6}  note"]
+    for r in rows:
+        met = "-" if r.met is None else ("yes" if r.met else "NO")
+        cpu = "-" if r.client_cpu is None else f"{r.client_cpu:.0%}" + ("!" if r.client_cpu >= CLIENT_BOUND else "")
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        lines.append(f"{r.figure:<44} {_fmt(r.signal):>11} {_fmt(r.floor):>10} {ratio:>6} {r.unit:<6} {r.target:<22} "
+                     f"{met:<4} {cpu:>6}  {r.note}")
+    lines.append("client: CPU of the load client's core during the figure (max over both servers); "
+                 "'!' = client-bound (>= 90 %), the figure understates the server")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model or 'unknown CPU'}), Python {sys.version.split()[0]}, {sys.platform}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m signal_srv.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a one-minute version (fewer levels, shorter windows)")
+    p.add_argument("--json", action="store_true", help="print every raw figure and the summary as JSON")
+    p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
+    p.add_argument("--server-dir", help="run signal_srv from this source tree (e.g. a git archive snapshot)")
+    p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sweep-probe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--calls", type=int, default=100000, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.floor_server:
+        floor_server(args.port)
+        return
+    if args.sweep_probe:
+        sweep_probe(args.calls)
+        return
+    from signal_srv.stress import raise_nofile
+
+    plan = make_plan(args.quick, args.server_dir)
+    raise_nofile(4 * max(plan.levels) + 4096)
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    started = time.perf_counter()
+    say = (lambda text: print(text, file=sys.stderr, flush=True))
+    say(f"signal_srv bench ({'quick' if args.quick else 'full'}) on {machine()}")
+    results = asyncio.run(run_plan(plan, say))
+    rows = summarise(plan, results)
+    elapsed = round(time.perf_counter() - started)
+    report = json.dumps({"machine": machine(), "mode": "quick" if args.quick else "full", "seconds": elapsed,
+                         "summary": [{**vars(r), "ratio": r.ratio} for r in rows], **results}, indent=1)
+    if args.save:
+        with open(args.save, "w") as f:
+            f.write(report + "\n")
+    if args.json:
+        print(report)
+    else:
+        print(f"signal_srv vs bare-Tornado floor, {'quick' if args.quick else 'full'} run, {elapsed} s, {machine()}")
+        print(f"server pinned to CPU {SERVER_CPU}, client to CPU {CLIENT_CPU}; medians of {plan.rounds} A/B round(s)")
+        print(format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()

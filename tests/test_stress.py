@@ -1,0 +1,147 @@
+"""The stress tool: a clean run against the real server, and a faulty relay it must catch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from tornado.web import Application
+
+from signal_srv.errors import CallNotFound
+from signal_srv.stress import StressOptions, format_table, percentiles, run_stress
+from signal_srv.ws import SignalingSocket
+from tests.conftest import TIMEOUT
+
+
+class Faults:
+    """Which relayed candidate frames (counted server-wide, from 1) to drop and to misroute."""
+
+    def __init__(self, drop_at: int, misroute_at: int) -> None:
+        self.drop_at = drop_at
+        self.misroute_at = misroute_at
+        self.candidates = 0
+        self.dropped = 0
+        self.misrouted = 0
+        self.sockets: list[FaultySocket] = []
+
+
+class FaultySocket(SignalingSocket):
+    """The real socket edge, except that one relayed candidate is dropped and one goes to another call."""
+
+    def initialize(self, faults: Faults, **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.faults = faults
+
+    async def open(self, *args: Any, **kwargs: Any) -> None:
+        self.faults.sockets.append(self)
+        await super().open(*args, **kwargs)
+
+    def on_close(self) -> None:
+        self.faults.sockets.remove(self)
+        super().on_close()
+
+    def send(self, text: str) -> None:
+        faults = self.faults
+        if text.startswith('{"type":"candidate"'):
+            faults.candidates += 1
+            if faults.candidates == faults.drop_at:
+                faults.dropped += 1
+                return
+            other = self._socket_of_another_live_call()
+            if faults.candidates >= faults.misroute_at and not faults.misrouted and other is not None:
+                faults.misrouted += 1
+                other.write_message(text)
+                return
+        super().send(text)
+
+    def _socket_of_another_live_call(self) -> FaultySocket | None:
+        mine = self.get_query_argument("call_id")
+        for socket in self.faults.sockets:
+            call_id = socket.get_query_argument("call_id")
+            if call_id == mine or socket.ws_connection is None or socket.ws_connection.is_closing():
+                continue
+            try:
+                self.registry.get(call_id)
+            except CallNotFound:
+                continue
+            return socket
+        return None
+
+
+def install_faults(app: Application, faults: Faults) -> None:
+    """Swap the app's socket handler for ``FaultySocket`` (the rest of the server is untouched)."""
+    for rule in app.wildcard_router.rules:
+        if rule.target is SignalingSocket:
+            rule.target = FaultySocket
+            rule.target_kwargs = {**rule.target_kwargs, "faults": faults}
+            return
+    raise AssertionError("no SignalingSocket route in the app")
+
+
+def small(**overrides: Any) -> StressOptions:
+    options: dict[str, Any] = dict(calls=20, candidates=3, end_fraction=0.3, duration=6 * TIMEOUT,
+                                   timeout=TIMEOUT, seed=7)
+    options.update(overrides)
+    return StressOptions(**options)
+
+
+async def test_twenty_calls_against_the_server_deliver_every_message_exactly_once(base_url: str) -> None:
+    result = await run_stress(base_url, small())
+    assert result.failures == []
+    assert result.ok
+    assert (result.calls_ok, result.calls_failed, result.ended_mid_run) == (20, 0, 6)
+    # Per call: offer, answer, 3 candidates each way, and one message each way from the 14 survivors.
+    assert result.sent == result.delivered == 20 * (2 + 2 * 3) + 14 * 2
+    assert (result.lost, result.duplicated, result.misrouted, result.reordered) == (0, 0, 0, 0)
+    assert len(result.latency_ms["connect"]) == 40 and len(result.latency_ms["relay_hop"]) == result.delivered
+
+
+async def test_a_dropped_and_a_misrouted_message_are_counted_and_fail_the_run(app: Application, base_url: str) -> None:
+    faults = Faults(drop_at=5, misroute_at=15)
+    install_faults(app, faults)
+    result = await run_stress(base_url, small(timeout=TIMEOUT / 4))
+    assert (faults.dropped, faults.misrouted) == (1, 1)
+    assert not result.ok
+    # The dropped one and the misrouted one both never reached their rightful receiver.
+    assert (result.lost, result.misrouted) == (2, 1)
+    assert (result.duplicated, result.reordered) == (0, 0)
+    assert result.delivered == result.sent - 2
+    assert 2 <= result.calls_failed <= 3 and result.calls_ok + result.calls_failed == 20
+    assert any("got a candidate frame of call" in text for text in result.failures)
+    assert any("never arrived" in text for text in result.failures)
+
+
+async def test_calls_ended_mid_run_are_verified_closed_and_the_others_go_on(base_url: str) -> None:
+    result = await run_stress(base_url, small(calls=10, candidates=0, end_fraction=1.0))
+    assert result.ok and result.ended_mid_run == 10 and result.sent == 20
+
+
+def test_the_table_and_json_report_every_count() -> None:
+    options = small()
+    from signal_srv.stress import StressResult
+
+    result = StressResult(calls=2, calls_ok=1, calls_failed=1, sent=4, delivered=3, lost=1)
+    result.latency_ms["relay_hop"] += [1.0, 2.0, 3.0]
+    table = format_table(result, options)
+    assert "FAILED" in table and "lost 1" in table and "relay_hop" in table
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["ok"] is False and data["lost"] == 1 and data["latency_ms"]["relay_hop"]["max"] == 3.0
+
+
+def test_percentiles_use_the_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentiles(values) == {"n": 100, "p50": 51.0, "p95": 96.0, "p99": 100.0, "max": 100.0}
+    assert percentiles([])["n"] == 0
+
+
+@pytest.mark.e2e
+def test_the_command_spawns_its_own_server_and_exits_zero_on_a_clean_run() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "signal_srv.stress", "--calls=20", "--candidates=2", "--json", "--duration=60"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["calls_ok"] == 20

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hmac
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Union
 
@@ -201,8 +201,9 @@ class Participant:
     away_since: float | None
     conn: int | None = None
     seq: int = 0
-    held: deque[dict[str, Any]] = field(default_factory=deque)
-    sent: deque[tuple[int, str]] = field(default_factory=deque)
+    # Created on first use: most participants never need them (a deque costs ~760 bytes).
+    held: deque[dict[str, Any]] | None = None
+    sent: deque[tuple[int, str]] | None = None
     sent_bytes: int = 0
 
     @property
@@ -214,7 +215,7 @@ class Participant:
         """The frames sent after ``last_seq``, or None if some of them are no longer kept."""
         if not -1 <= last_seq < self.seq:
             return None
-        missed = [text for seq, text in self.sent if seq > last_seq]
+        missed = [text for seq, text in self.sent or () if seq > last_seq]
         if len(missed) != self.seq - 1 - last_seq:
             return None
         return missed
@@ -322,8 +323,9 @@ class Call:
             else:
                 effects += [Send(event.conn, text) for text in missed]
         effects += self._broadcast_state("connected", p.peer_id)
-        while p.held:
-            effects.append(self._deliver(p, p.held.popleft()))
+        if p.held:
+            effects += [self._deliver(p, message) for message in p.held]
+            p.held = None
         return effects
 
     def _disconnect(self, event: Disconnect, now: float) -> list[Effect]:
@@ -342,12 +344,14 @@ class Call:
         others = [p for p in self.participants.values() if p is not sender]
         if not others:
             raise NoPeer()
-        if any(p.conn is None and len(p.held) >= self.rules.hold_limit for p in others):
+        if any(p.conn is None and p.held and len(p.held) >= self.rules.hold_limit for p in others):
             raise BufferFull(f"{self.rules.hold_limit} messages are already held for the other participant")
         effects: list[Effect] = []
         for p in others:
             message = messages.relayed(event.message, self.call_id, sender.peer_id)
             if p.conn is None:
+                if p.held is None:
+                    p.held = deque()
                 p.held.append(message)
             else:
                 effects.append(self._deliver(p, message))
@@ -438,6 +442,8 @@ class Call:
         message["seq"] = p.seq
         p.seq += 1
         text = messages.to_json(message)
+        if p.sent is None:
+            p.sent = deque()
         p.sent.append((message["seq"], text))
         p.sent_bytes += len(text)
         while len(p.sent) > self.rules.resume_limit or p.sent_bytes > self.rules.resume_bytes:

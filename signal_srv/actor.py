@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Callable, Protocol
 
 from tornado.queues import Queue, QueueFull
@@ -75,7 +75,7 @@ class CallSummary:
     status: str
     count: int
     max: int
-    created_at: float
+    created_at: str
     expires_at: float | None
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +83,7 @@ class CallSummary:
             "call_id": self.call_id,
             "status": self.status,
             "participants": {"count": self.count, "max": self.max},
-            "created_at": iso_time(self.created_at),
+            "created_at": self.created_at,
             "expires_at": iso_time(self.expires_at) if self.expires_at is not None else None,
         }
 
@@ -99,7 +99,8 @@ class Joined:
 
 def iso_time(wall: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T16:00:00.000Z``."""
-    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    millis = int(wall * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + f".{millis % 1000:03d}Z"
 
 
 class CallActor:
@@ -126,7 +127,7 @@ class CallActor:
         self._metrics = metrics if metrics is not None else Metrics()
         self.call_id = call.call_id
         self.order = order
-        self.created_at = time.time()
+        self.created_at = iso_time(time.time())
         self._queue: Queue[Envelope] = Queue(maxsize=mailbox_size)
         self._sockets: dict[int, Socket] = {}
         self._on_status = on_status

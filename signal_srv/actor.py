@@ -358,7 +358,8 @@ class CallActor:
             self._sockets.clear()
             if self.call.status is not Status.ENDED:
                 old = self.call.status
-                self.call.status = Status.ENDED
+                self.call.status, self.call.end_reason = Status.ENDED, "error"
+                self._notify(Notify("call_ended", None, "error"))
                 self._on_status(self, old, Status.ENDED)
         while self._queue.qsize():
             envelope = self._queue.get_nowait()

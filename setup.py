@@ -9,10 +9,18 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["signal_srv", "signal_srv.*"]),
-    package_data={"signal_srv": ["static/*"]},
+    package_data={"signal_srv": ["static/*", "openapi.json"]},
     install_requires=["tornado>=6.4", "prometheus_client>=0.17"],
     extras_require={
-        "test": ["pytest>=8", "pytest-tornasync>=0.6", "time-machine>=2.10"],
+        "test": [
+            "pytest>=8",
+            "pytest-tornasync>=0.6",
+            "time-machine>=2.10",
+            "hypothesis>=6.100",
+            "schemathesis>=4.0",
+            "jsonschema>=4.18",
+            "websocket-client>=1.7",
+        ],
     },
     entry_points={
         "console_scripts": [

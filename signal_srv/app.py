@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 from typing import Any
 
-from tornado.web import Application, RequestHandler, StaticFileHandler
+from tornado.web import Application, StaticFileHandler
 
 from signal_srv.call import CallRules
 from signal_srv.config import Config
 from signal_srv.limits import Limits
+from signal_srv.logs import log_request
 from signal_srv.metrics import Metrics
+from signal_srv.openapi import OpenApiHandler
 from signal_srv.registry import Registry
-from signal_srv.webhooks import Webhooks
 from signal_srv.rest import (
     CallHandler,
     CallsHandler,
@@ -28,31 +27,12 @@ from signal_srv.rest import (
     NotFoundHandler,
     ReadyHandler,
 )
+from signal_srv.webhooks import Webhooks
 from signal_srv.ws import SignalingSocket
 
-__all__ = ["STATIC_DIR", "make_app", "make_metrics_app", "make_registry", "redact"]
-
-access_log = logging.getLogger("signal_srv.access")
+__all__ = ["STATIC_DIR", "make_app", "make_metrics_app", "make_registry"]
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|peer_token)=)[^&#]*")
-
-
-def redact(uri: str) -> str:
-    """The URI with secret query values replaced, fit for a log line."""
-    return _SECRET_QUERY.sub(r"\1[redacted]", uri)
-
-
-def _log_request(handler: RequestHandler) -> None:
-    """Access log line without secrets: INFO, WARNING for 503 (overload), ERROR for other 5xx."""
-    status = handler.get_status()
-    request = handler.request
-    seconds = request.request_time()
-    log = access_log.info if status < 500 else access_log.warning if status == 503 else access_log.error
-    log("%d %s %s (%s) %.2fms", status, request.method, redact(request.uri or ""), request.remote_ip, 1000.0 * seconds)
-    metrics = getattr(handler, "metrics", None)
-    if isinstance(metrics, Metrics):
-        metrics.request_seconds.labels(type(handler).__name__, request.method).observe(seconds)
 
 
 def make_registry(config: Config) -> Registry:
@@ -99,7 +79,7 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
     )
     deps: dict[str, Any] = {"registry": registry, "config": config, "limits": limits, "metrics": registry.metrics}
     call = r"/apiv2/calls/([^/]+)"
-    routes = [
+    routes: list[Any] = [
         (r"/apiv2/calls", CallsHandler, deps),
         (r"/apiv2/calls/current", CurrentCallHandler, deps),
         (call, CallHandler, deps),
@@ -110,6 +90,7 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         (r"/apiv2/ws", SignalingSocket, deps),
         (r"/healthz", HealthHandler, deps),
         (r"/readyz", ReadyHandler, deps),
+        (r"/apiv2/openapi.json", OpenApiHandler, {}),
         *([] if config.metrics_port else [(r"/metrics", MetricsHandler, deps)]),
         (r"/()", StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
         (r"/([\w-]+\.(?:html|js|css|svg|ico))", StaticFileHandler, {"path": STATIC_DIR}),
@@ -119,11 +100,11 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         registry=registry,
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
-        log_function=_log_request,
+        log_function=log_request,
         websocket_max_message_size=config.max_message_size,
     )
 
 
 def make_metrics_app(registry: Registry) -> Application:
     """``/metrics`` alone, for a separate, non-public ``metrics_port``."""
-    return Application([(r"/metrics", MetricsHandler, {"metrics": registry.metrics})], log_function=_log_request)
+    return Application([(r"/metrics", MetricsHandler, {"metrics": registry.metrics})], log_function=log_request)

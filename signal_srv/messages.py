@@ -8,6 +8,7 @@ lone surrogates, absurd nesting) with ``BadMessage`` naming the problem.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "Relay",
     "call_ended",
     "error",
+    "is_decimal",
     "loads",
     "parse",
     "pong",
@@ -55,10 +57,22 @@ def _reject_constant(name: str) -> Any:
     raise BadMessage(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadMessage(f"number {text[:40]} is out of range")
+    return value
+
+
+def is_decimal(text: str) -> bool:
+    """True for ASCII digits only (``str.isdigit`` also accepts e.g. superscripts)."""
+    return text.isascii() and text.isdigit()
+
+
 def loads(text: str | bytes) -> Any:
     """Decode strict JSON; raise ``BadMessage`` for anything a browser could not decode back."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise BadMessage("JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:

@@ -38,6 +38,7 @@ __all__ = [
     "CurrentCallHandler",
     "EndHandler",
     "HealthHandler",
+    "JsonHandler",
     "JoinHandler",
     "LeaveHandler",
     "MetricsHandler",
@@ -59,9 +60,51 @@ _HTTP_CODES = {
 }
 
 
+class JsonHandler(RequestHandler):
+    """JSON out, and the single mapping of errors to ``{"error": {code, message}}``."""
+
+    metrics: Metrics | None = None
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def reply(self, status: int, body: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.finish(messages.to_json(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, SignalError):
+            status, code, message = exc.status, exc.code, exc.message
+        elif isinstance(exc, HTTPError) and exc.status_code in _HTTP_CODES:
+            status, code, message = exc.status_code, _HTTP_CODES[exc.status_code], self._reason
+        else:
+            status, code, message = 500, "internal_error", "internal error; see the server log"
+        if self.metrics is not None:
+            self.metrics.errors[code] += 1
+        self.clear()
+        self.set_default_headers()
+        if isinstance(exc, RateLimited):
+            self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
+        elif status in RETRY_AFTER:
+            self.set_header("Retry-After", RETRY_AFTER[status])
+        if status == 405:
+            self.set_header("Allow", ", ".join(_allowed_methods(type(self))))
+        self.set_status(status)
+        self.finish(messages.to_json({"error": {"code": code, "message": message}}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, (SignalError, HTTPError)):
+            logger.debug("%s %s: %s", self.request.method, self.request.path, value)
+        else:
+            logger.error("uncaught exception in %s %s", self.request.method, self.request.path,
+                         exc_info=(typ, value, tb))
+
+
 @stream_request_body
-class ApiHandler(RequestHandler):
-    """JSON in, JSON out, and the single mapping of errors to ``{"error": {code, message}}``."""
+class ApiHandler(JsonHandler):
+    """JSON in and out for the call API, with the server's registry, config and limits."""
 
     registry: Registry
     config: Config
@@ -76,13 +119,9 @@ class ApiHandler(RequestHandler):
         self._body = bytearray()
         self._too_large = False
 
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.set_header("Cache-Control", "no-store")
-
     def prepare(self) -> None:
         length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self.config.max_body_size:
+        if length is not None and messages.is_decimal(length) and int(length) > self.config.max_body_size:
             raise PayloadTooLarge(f"request body over {self.config.max_body_size} bytes")
 
     def data_received(self, chunk: bytes) -> None:
@@ -108,36 +147,6 @@ class ApiHandler(RequestHandler):
         if not isinstance(value, dict):
             raise BadRequest("the body must be a JSON object")
         return value
-
-    def reply(self, status: int, body: dict[str, Any]) -> None:
-        self.set_status(status)
-        self.finish(messages.to_json(body))
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, SignalError):
-            status, code, message = exc.status, exc.code, exc.message
-        elif isinstance(exc, HTTPError) and exc.status_code in _HTTP_CODES:
-            status, code, message = exc.status_code, _HTTP_CODES[exc.status_code], self._reason
-        else:
-            status, code, message = 500, "internal_error", "internal error; see the server log"
-        self.metrics.errors[code] += 1
-        self.clear()
-        self.set_default_headers()
-        if isinstance(exc, RateLimited):
-            self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
-        elif status in RETRY_AFTER:
-            self.set_header("Retry-After", RETRY_AFTER[status])
-        if status == 405:
-            self.set_header("Allow", ", ".join(_allowed_methods(type(self))))
-        self.set_status(status)
-        self.finish(messages.to_json({"error": {"code": code, "message": message}}))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, (SignalError, HTTPError)):
-            logger.debug("%s %s: %s", self.request.method, self.request.path, value)
-        else:
-            super().log_exception(typ, value, tb)
 
     def check_rate(self, limiter: RateLimiter, name: str) -> None:
         """Refuse with 429 when this client IP is over ``limiter``'s rate."""
@@ -194,7 +203,7 @@ class CallsHandler(ApiHandler):
         if status not in (None, Status.WAITING.value, Status.ACTIVE.value):
             raise BadRequest("status must be 'waiting' or 'active'")
         limit_text = self.get_query_argument("limit", str(DEFAULT_LIMIT))
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+        if not messages.is_decimal(limit_text) or not 1 <= int(limit_text) <= MAX_LIMIT:
             raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
         calls = self.registry.list(Status(status) if status else None, int(limit_text))
         self.reply(200, {"calls": [c.to_dict() for c in calls]})
@@ -286,15 +295,15 @@ class ReadyHandler(ApiHandler):
             self.reply(200, {"status": "ready"})
 
 
-class MetricsHandler(RequestHandler):
+class MetricsHandler(JsonHandler):
     """``GET /metrics`` in the Prometheus text format."""
 
     def initialize(self, metrics: Metrics, **_: Any) -> None:
-        self.metrics = metrics
+        self.metrics = self.exporter = metrics
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.metrics.render())
+        self.finish(self.exporter.render())
 
 
 class NotFoundHandler(ApiHandler):

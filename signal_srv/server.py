@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -16,9 +15,10 @@ from tornado.web import Application
 from signal_srv.app import make_app, make_metrics_app
 from signal_srv.config import Config, load_config
 from signal_srv.errors import ConfigError
+from signal_srv.logs import setup_logging
 from signal_srv.registry import Registry
 
-__all__ = ["JsonFormatter", "main", "make_server", "serve"]
+__all__ = ["main", "make_server", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,35 +69,6 @@ def _bound_port(server: HTTPServer) -> int:
     return 0
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with ``call_id`` when the record carries one."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key in ("call_id", "peer_id"):
-            if hasattr(record, key):
-                entry[key] = getattr(record, key)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def _setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler()
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(config.log_level.upper())
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: exit status 2 on a bad configuration, 0 after a clean shutdown."""
     try:
@@ -105,5 +76,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         sys.stderr.write(f"signal-srv: configuration error: {exc}\n")
         raise SystemExit(2) from None
-    _setup_logging(config)
+    setup_logging(config.log_level, config.log_format)
     asyncio.run(serve(config))

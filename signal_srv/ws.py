@@ -21,6 +21,7 @@ from signal_srv.call import Connect, Disconnect, Receive
 from signal_srv.config import Config
 from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unauthorized
 from signal_srv.limits import Limits, TokenBucket
+from signal_srv.logs import redact
 from signal_srv.metrics import Metrics
 from signal_srv.registry import Registry
 
@@ -62,6 +63,10 @@ class SignalingSocket(WebSocketHandler):
         self._rate: TokenBucket | None = None
         self._strikes = 0
 
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # Tornado's own line would print the request URL, and with it the peer token.
+        logger.error("uncaught exception in socket %s", redact(self.request.uri or ""), exc_info=(typ, value, tb))
+
     def _stream(self) -> IOStream | None:
         """The upgraded connection's stream (None once closed)."""
         return getattr(self.ws_connection, "stream", None)
@@ -92,7 +97,7 @@ class SignalingSocket(WebSocketHandler):
         if not (call_id and peer_id and token):
             self.close(BAD_QUERY, "call_id, peer_id and token are required")
             return
-        if last_seq is not None and not (last_seq.isdigit() or last_seq == "-1"):
+        if last_seq is not None and not (messages.is_decimal(last_seq) or last_seq == "-1"):
             self.close(BAD_QUERY, "last_seq must be a whole number")
             return
         try:

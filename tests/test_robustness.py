@@ -19,7 +19,7 @@ import time_machine
 from signal_srv.call import End, Receive
 from signal_srv.client import ApiError, ConnectionClosed, SignalingClient
 from signal_srv.registry import Registry
-from signal_srv.server import JsonFormatter
+from signal_srv.logs import JsonFormatter
 from tests.conftest import TIMEOUT
 from tests.test_ws import Pair, assert_relays, make_pair
 

@@ -1,0 +1,75 @@
+"""The logging policy: access lines without secrets, text or JSON output, redaction as a backstop.
+
+Peer tokens ride in the socket URL's query, so every URL is redacted before it is logged,
+and the output formatters redact once more whatever a library logs on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from tornado.web import RequestHandler
+
+from signal_srv.metrics import Metrics
+
+__all__ = ["JsonFormatter", "log_request", "redact", "setup_logging"]
+
+access_log = logging.getLogger("signal_srv.access")
+
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|peer_token)=)[^&#\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with secret query values replaced, fit for a log line."""
+    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+
+
+def log_request(handler: RequestHandler) -> None:
+    """Access log line: INFO, WARNING for 503 (overload), ERROR for other 5xx; feeds the latency histogram."""
+    status = handler.get_status()
+    request = handler.request
+    seconds = request.request_time()
+    log = access_log.info if status < 500 else access_log.warning if status == 503 else access_log.error
+    log("%d %s %s (%s) %.2fms", status, request.method, redact(request.uri or ""), request.remote_ip, 1000.0 * seconds)
+    metrics = getattr(handler, "metrics", None)
+    if isinstance(metrics, Metrics):
+        metrics.request_seconds.labels(type(handler).__name__, request.method).observe(seconds)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message``, redacted."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with ``call_id`` when the record carries one; redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        for key in ("call_id", "peer_id"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, output_format: str) -> None:
+    """Log to stderr at ``level`` in ``text`` or ``json``."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if output_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level.upper())

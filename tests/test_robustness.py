@@ -211,3 +211,14 @@ async def test_serve_puts_metrics_on_their_own_port_when_asked(io_loop: Any) -> 
     assert await asyncio.wait_for(fetch(ports[0], "/healthz"), TIMEOUT) == 200
     stop.set()
     await asyncio.wait_for(server, TIMEOUT)
+
+
+@pytest.mark.parametrize("formatter", ["text", "json"])
+def test_log_output_redacts_tokens_whatever_logged_them(formatter: str) -> None:
+    from signal_srv.logs import TextFormatter
+
+    record = logging.getLogger("tornado.application").makeRecord(
+        "tornado.application", logging.ERROR, __file__, 1,
+        "Uncaught exception GET /apiv2/ws?call_id=C&peer_id=P&token=s3cr3t (127.0.0.1)", (), None)
+    line = (TextFormatter() if formatter == "text" else JsonFormatter()).format(record)
+    assert "s3cr3t" not in line and "token=[redacted]" in line

@@ -46,9 +46,14 @@ def test_dev_conf_documents_every_option_at_its_default() -> None:
             assert f"\n{field.name} = " in text, f"conf/dev.conf lacks {field.name}"
 
 
-def test_prod_conf_loads() -> None:
-    config = load_config(["signal-srv", f"--conf={ROOT / 'conf' / 'prod.conf'}"], {})
+def test_prod_conf_loads_with_its_secrets_from_the_environment() -> None:
+    argv = ["signal-srv", f"--conf={ROOT / 'conf' / 'prod.conf'}"]
+    secrets = {"SIGNAL_SRV_TURN_SECRET": "t", "SIGNAL_SRV_WEBHOOK_SECRET": "w"}
+    config = load_config(argv, secrets)
     assert config.list_calls == "off" and config.xheaders is True and len(json.loads(config.ice_servers)) == 2
+    assert (config.turn_secret, config.webhook_secret) == ("t", "w")
+    with pytest.raises(ConfigError, match="needs turn_secret"):
+        load_config(argv, {})
 
 
 @pytest.mark.parametrize(("argv", "env", "conf", "message"), [

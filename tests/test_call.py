@@ -341,8 +341,8 @@ def test_identify_answers_only_for_a_participants_token() -> None:
         call.handle(Identify("nope"), 1.0)
 
 
-def connected_pair() -> Call:
-    call = make_call(2)
+def connected_pair(rules: CallRules = RULES) -> Call:
+    call = make_call(2, rules)
     call.handle(Connect("p0", "t0", 10), 1.0)
     call.handle(Connect("p1", "t1", 11), 1.0)  # p1 sees seq 0 (its state)
     return call
@@ -361,11 +361,7 @@ def test_a_resume_with_last_seq_replays_exactly_what_was_missed() -> None:
 
 
 def test_a_resume_beyond_what_is_kept_fails_and_starts_fresh() -> None:
-    call = Call("c1", 0.0, CallRules(ttl=TTL, resume_limit=3))
-    call.handle(Join("p0", "t0"), 0.0)
-    call.handle(Join("p1", "t1"), 0.0)
-    call.handle(Connect("p0", "t0", 10), 1.0)
-    call.handle(Connect("p1", "t1", 11), 1.0)
+    call = connected_pair(CallRules(ttl=TTL, resume_limit=3))
     for i in range(6):
         call.handle(Receive(10, Relay("candidate", i)), 2.0)
     delivered = sends(call.handle(Connect("p1", "t1", 12, last_seq=1), 3.0), 12)
@@ -382,11 +378,7 @@ def test_an_impossible_last_seq_fails_the_resume(last_seq: int) -> None:
 
 
 def test_resume_buffer_is_bounded_in_bytes() -> None:
-    call = Call("c1", 0.0, CallRules(ttl=TTL, resume_bytes=1000))
-    call.handle(Join("p0", "t0"), 0.0)
-    call.handle(Join("p1", "t1"), 0.0)
-    call.handle(Connect("p0", "t0", 10), 1.0)
-    call.handle(Connect("p1", "t1", 11), 1.0)
+    call = connected_pair(CallRules(ttl=TTL, resume_bytes=1000))
     for _ in range(10):
         call.handle(Receive(10, Relay("message", "x" * 300)), 2.0)
     assert call.participant("p1").sent_bytes <= 1000

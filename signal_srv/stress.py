@@ -8,6 +8,12 @@ per-sender number, send time), so the receiver can tell a lost, duplicated, misr
 reordered message; any of those, and any unexpected error frame or close, makes the run
 fail (exit status 1).
 
+With ``cut_fraction`` > 0, in that seeded fraction of the calls one participant's socket is
+cut without a close frame in the middle of the candidate burst (like a phone switching
+network), while frames to it are on the wire and while the other side sends on; it then
+reconnects with ``SignalingClient.resume()`` and must get every missed frame once, in order,
+with its original ``seq``. A ``resume_failed`` answer is counted as a failure of its own.
+
 The core is importable (``run_stress``) so tests can drive it in-process; ``main()`` adds
 the command line, a self-spawned server (``spawn_server``), the live line and the table.
 """
@@ -32,6 +38,7 @@ from tornado.httpclient import AsyncHTTPClient
 from signal_srv.client import Connection, ConnectionClosed, SignalingClient
 
 __all__ = [
+    "CUT_LIMITS",
     "GENEROUS_LIMITS",
     "Spawned",
     "StressOptions",
@@ -56,6 +63,14 @@ GENEROUS_LIMITS: dict[str, str] = {
     "ws_rate": "0",
 }
 
+# And, for runs with cuts: a participant that is away gets everything it missed only if the
+# server holds and keeps that many frames for it (see README, "Lossless resume").
+CUT_LIMITS: dict[str, str] = {
+    "ws_buffer_limit": "1024",
+    "resume_buffer": "1024",
+    "resume_buffer_bytes": str(4 * 1024 * 1024),
+}
+
 
 # Options and results -------------------------------------------------------------------
 
@@ -65,6 +80,7 @@ class StressOptions:
     calls: int = 200
     candidates: int = 10
     end_fraction: float = 0.3
+    cut_fraction: float = 0.0  # calls in which one socket is cut mid-burst and resumed
     duration: float = 120.0  # the whole run is cut off after this many seconds
     timeout: float = 10.0  # every single wait
     sdp_size: int = 2000
@@ -81,6 +97,8 @@ class StressResult:
     calls_failed: int = 0
     calls_unfinished: int = 0
     ended_mid_run: int = 0
+    cuts: int = 0
+    replayed: int = 0  # relayed messages a resumed socket got before its "connected" state
     sent: int = 0
     delivered: int = 0
     lost: int = 0
@@ -88,18 +106,19 @@ class StressResult:
     misrouted: int = 0
     reordered: int = 0
     seq_gaps: int = 0
+    resume_failed: int = 0
     unexpected_errors: int = 0
     unexpected_closes: int = 0
     elapsed: float = 0.0
     exchange_time: float = 0.0
     latency_ms: dict[str, list[float]] = field(
-        default_factory=lambda: {"create": [], "join": [], "connect": [], "relay_hop": []})
+        default_factory=lambda: {"create": [], "join": [], "connect": [], "resume": [], "relay_hop": []})
     failures: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         bad = (self.calls_failed, self.calls_unfinished, self.lost, self.duplicated, self.misrouted,
-               self.reordered, self.seq_gaps, self.unexpected_errors, self.unexpected_closes)
+               self.reordered, self.seq_gaps, self.resume_failed, self.unexpected_errors, self.unexpected_closes)
         return self.calls > 0 and not any(bad)
 
     def fail(self, text: str) -> None:
@@ -145,6 +164,9 @@ class Side:
         self.seen: set[int] = set()  # numbers received from the other side
         self.max_seen = -1
         self.last_seq: int | None = None
+        self.resume_from: int | None = None  # last_seq of the latest resume
+        self.resume_failed = False
+        self.replaying = False  # on a resumed socket, until the state that announces it
         self.both_connected = asyncio.Event()
         self.closed = asyncio.Event()
         self.close_code: int | None = None
@@ -152,6 +174,10 @@ class Side:
         self.expect_close = False
         self._wanted = 0
         self._arrived = asyncio.Event()
+        self._pong = asyncio.Event()
+        self._reading = asyncio.Event()  # cleared: the reader stops taking frames off the socket
+        self._reading.set()
+        self.cut_conn: Connection | None = None  # the socket that was cut; its end is no close
         self.reader: asyncio.Task[None] | None = None
 
     def send(self, kind: str, body: dict[str, Any]) -> None:
@@ -162,45 +188,89 @@ class Side:
         self.conn.send(kind, body)
 
     async def wait_received(self, count: int, timeout: float) -> bool:
-        """Wait until ``count`` distinct messages from the other side have arrived."""
+        """Wait until ``count`` distinct messages from the other side have arrived.
+
+        False at the timeout, or at once after a failed resume (what it skipped never comes).
+        """
         self._wanted = count
         self._arrived.clear()
         if len(self.seen) >= count:
             return True
+        if self.resume_failed:
+            return False
         try:
             await asyncio.wait_for(self._arrived.wait(), timeout)
-            return True
         except TimeoutError:
             return False
+        return len(self.seen) >= count
+
+    async def barrier(self, timeout: float) -> None:
+        """Send a ping and wait for its pong: the server has handled every frame this side sent."""
+        assert self.conn is not None
+        self._pong.clear()
+        self.conn.send("ping")
+        await asyncio.wait_for(self._pong.wait(), timeout)
+
+    def pause(self) -> None:
+        """Stop taking frames off the socket (the one already awaited still comes)."""
+        self._reading.clear()
+
+    def unpause(self) -> None:
+        self._reading.set()
+
+    def cut(self) -> None:
+        """Drop the socket without a close frame, like a lost network.
+
+        Whatever it still yields (frames already buffered in this process) is discarded as
+        lost on the wire; its reader ends at the drop without counting it as a close.
+        """
+        assert self.conn is not None
+        self.cut_conn = self.conn
+        self.conn.abort()
 
     async def read_all(self, deadline: float) -> None:
-        """Read and check every frame until the socket closes (or the deadline)."""
-        assert self.conn is not None
+        """Read and check every frame until the socket closes or is cut (or the deadline)."""
+        conn = self.conn
+        assert conn is not None
         loop = asyncio.get_running_loop()
+        was_cut = False
         try:
             while True:
-                frame = await self.conn.receive(max(deadline - loop.time(), 0.001))
-                self._check(frame)
+                await self._reading.wait()
+                frame = await conn.receive(max(deadline - loop.time(), 0.001))
+                if conn is not self.cut_conn:  # what the cut socket still yields is lost with it
+                    self._check(frame)
         except ConnectionClosed as closed:
-            self.close_code = closed.code
+            was_cut = conn is self.cut_conn
+            if not was_cut:
+                self.close_code = closed.code
         except TimeoutError:
             self.run.result.fail(f"{self.call_id[:8]} {self.role}: socket still open at the deadline")
         except Exception as exc:  # a broken frame is a finding, not a crash of the tool
             self.run.result.unexpected_errors += 1
             self.run.result.fail(f"{self.call_id[:8]} {self.role}: {type(exc).__name__}: {exc}")
         finally:
-            self.closed.set()
+            if not was_cut:
+                self.closed.set()
 
     def _check(self, frame: dict[str, Any]) -> None:
         result = self.run.result
-        self._check_seq(frame)
         kind = frame.get("type")
-        if frame.get("call_id") != self.call_id:
+        if kind not in ("pong", "error") and frame.get("call_id") != self.call_id:
+            # Another call's frame: its seq belongs to another stream, so it is not checked here.
             result.misrouted += 1
             result.fail(f"{self.call_id[:8]} {self.role}: got a {kind} frame of call {str(frame.get('call_id'))[:8]}")
+        elif not self._check_seq(frame):
+            return
+        elif kind == "pong":
+            self._pong.set()
+        elif kind == "error":
+            self._check_error(frame)
         elif kind in RELAY_TYPES:
             self._check_relayed(frame)
-        elif kind == "state":
+        elif kind == "state":  # joined, connected, disconnected (a cut): none is unexpected
+            if frame.get("event") == "connected" and frame.get("subject") == self.peer_id:
+                self.replaying = False
             if frame.get("participants", {}).get("connected", 0) >= 2:
                 self.both_connected.set()
         elif kind == "call_ended":
@@ -209,13 +279,39 @@ class Side:
             result.unexpected_errors += 1
             result.fail(f"{self.call_id[:8]} {self.role}: unexpected frame {json.dumps(frame)[:200]}")
 
-    def _check_seq(self, frame: dict[str, Any]) -> None:
+    def _check_seq(self, frame: dict[str, Any]) -> bool:
+        """Count a gap in the server's ``seq``; False for a seq already seen (a duplicate frame).
+
+        A resume replays only frames after the last one recorded, with their original seq, so
+        the stream stays gapless across a cut and a repeated seq is always a fault.
+        """
         seq = frame.get("seq")
-        if isinstance(seq, int) and self.last_seq is not None and seq != self.last_seq + 1:
-            self.run.result.seq_gaps += 1
-            self.run.result.fail(f"{self.call_id[:8]} {self.role}: server seq {self.last_seq} -> {seq}")
-        if isinstance(seq, int):
-            self.last_seq = seq
+        if not isinstance(seq, int):
+            return True
+        result, last = self.run.result, self.last_seq
+        if last is not None and seq <= last:
+            result.duplicated += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: server seq {seq} again (after {last})")
+            return False
+        # resume_failed carries the next seq: what it skips is counted as lost, not as a gap.
+        if last is not None and seq != last + 1 and not _is_resume_failed(frame):
+            result.seq_gaps += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: server seq {last} -> {seq}")
+        self.last_seq = seq
+        return True
+
+    def _check_error(self, frame: dict[str, Any]) -> None:
+        result = self.run.result
+        if _is_resume_failed(frame):
+            self.resume_failed, self.replaying = True, False
+            self._arrived.set()
+            result.resume_failed += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: resume_failed after seq {self.resume_from} "
+                        "(raise the server's resume_buffer / resume_buffer_bytes)")
+            return
+        result.unexpected_errors += 1
+        hint = " (raise the server's ws_buffer_limit for cut runs)" if frame.get("code") == "buffer_full" else ""
+        result.fail(f"{self.call_id[:8]} {self.role}: unexpected frame {json.dumps(frame)[:200]}{hint}")
 
     def _check_relayed(self, frame: dict[str, Any]) -> None:
         result = self.run.result
@@ -240,9 +336,14 @@ class Side:
         self.seen.add(n)
         self.max_seen = max(self.max_seen, n)
         result.delivered += 1
+        result.replayed += self.replaying
         result.latency_ms["relay_hop"].append(1000.0 * (time.perf_counter() - float(tag["t"])))
         if len(self.seen) >= self._wanted:
             self._arrived.set()
+
+
+def _is_resume_failed(frame: dict[str, Any]) -> bool:
+    return frame.get("type") == "error" and frame.get("code") == "resume_failed"
 
 
 # The run ---------------------------------------------------------------------------------
@@ -260,6 +361,8 @@ class _Run:
         enders = round(options.calls * options.end_fraction)
         self.ends_mid_run = set(rng.sample(range(options.calls), enders))
         self.mid_run_pending = enders
+        cut = sorted(rng.sample(range(options.calls), round(options.calls * options.cut_fraction)))
+        self.cut_role = {index: rng.choice(("host", "guest")) for index in cut}  # whose socket is cut
         self.mid_run_done = asyncio.Event()
         if not enders:
             self.mid_run_done.set()
@@ -285,12 +388,26 @@ class _Run:
         self.connected += 1
         side.reader = asyncio.ensure_future(side.read_all(deadline))
 
+    async def resume(self, side: Side, deadline: float) -> None:
+        """Once the cut socket's reader has stopped, reconnect with its last seq and read on."""
+        old = side.conn
+        assert old is not None and side.reader is not None
+        await asyncio.wait_for(asyncio.shield(side.reader), self.options.timeout)
+        if side.last_seq is not None:
+            old.last_seq = side.last_seq  # the last frame recorded (not one discarded after the cut)
+        side.resume_from, side.replaying = old.last_seq, True
+        async with self.connect_slots:
+            started = time.perf_counter()
+            side.conn = await self.client.resume(old)
+        self.result.latency_ms["resume"].append(1000.0 * (time.perf_counter() - started))
+        side.reader = asyncio.ensure_future(side.read_all(deadline))
+
     async def call(self, index: int, deadline: float) -> None:
         """One call from creation to its verified end; counts it ok or failed."""
         mid_run = index in self.ends_mid_run
         sides: list[Side] = []
         try:
-            ok = await self._call(mid_run, sides, deadline)
+            ok = await self._call(mid_run, self.cut_role.get(index), sides, deadline)
         except Exception as exc:  # any failure of the server or the network is a finding, not a crash
             ok = False
             self.result.unexpected_errors += 1
@@ -306,7 +423,7 @@ class _Run:
         else:
             self.result.calls_failed += 1
 
-    async def _call(self, mid_run: bool, sides: list[Side], deadline: float) -> bool:
+    async def _call(self, mid_run: bool, cut_role: str | None, sides: list[Side], deadline: float) -> bool:
         timeout = self.options.timeout
         created = await self.rest("create", self.client.create_call())
         call_id = created["call_id"]
@@ -320,7 +437,7 @@ class _Run:
         await asyncio.wait_for(asyncio.gather(host.both_connected.wait(), guest.both_connected.wait()), timeout)
         if self.first_offer is None:
             self.first_offer = time.perf_counter()
-        ok = await self._exchange(host, guest)
+        ok = await self._exchange(host, guest, cut_role, deadline)
         if mid_run:
             self.result.ended_mid_run += 1
             return await self._end(call_id, host, sides) and ok
@@ -330,7 +447,7 @@ class _Run:
         ok = all([await s.wait_received(o.sent, timeout) for s, o in ((host, guest), (guest, host))]) and ok
         return await self._end(call_id, guest, sides) and ok
 
-    async def _exchange(self, host: Side, guest: Side) -> bool:
+    async def _exchange(self, host: Side, guest: Side, cut_role: str | None, deadline: float) -> bool:
         timeout, k = self.options.timeout, self.options.candidates
         host.send("offer", {"type": "offer", "sdp": self.sdp})
         if not await guest.wait_received(1, timeout):
@@ -338,12 +455,47 @@ class _Run:
         guest.send("answer", {"type": "answer", "sdp": self.sdp})
         if not await host.wait_received(1, timeout):
             return False
-        for i in range(k):
+        half = k // 2 if cut_role else k
+        for i in range(half):
             for side in (host, guest):
-                side.send("candidate", {"candidate": self.candidate, "sdpMid": "0", "sdpMLineIndex": i % 2})
+                self.send_candidate(side, i)
+        if cut_role:
+            away, other = (host, guest) if cut_role == "host" else (guest, host)
+            await self._cut(away, other, range(half, k), deadline)
         done = [await host.wait_received(guest.sent, timeout), await guest.wait_received(host.sent, timeout)]
         self.last_delivery = time.perf_counter()
         return all(done)
+
+    def send_candidate(self, side: Side, i: int) -> None:
+        side.send("candidate", {"candidate": self.candidate, "sdpMid": "0", "sdpMLineIndex": i % 2})
+
+    async def _cut(self, away: Side, other: Side, rest: range, deadline: float) -> None:
+        """Cut ``away``'s socket mid-burst while ``other`` sends on; resume it; then ``away`` sends its rest.
+
+        The pings make each step certain rather than likely: everything ``away`` sent reached
+        the server before the cut (only what the server sends may be lost, which is what a
+        resume recovers); the first half of ``other``'s rest was sent to ``away``'s socket
+        but never read (lost on the wire); the second half reached the server while ``away``
+        was gone (held for it, or sent to the dead socket).
+        """
+        timeout = self.options.timeout
+        on_the_wire, while_away = rest[:(len(rest) + 1) // 2], rest[(len(rest) + 1) // 2:]
+        await away.barrier(timeout)
+        away.pause()
+        try:
+            for i in on_the_wire:
+                self.send_candidate(other, i)
+            await other.barrier(timeout)
+            away.cut()
+            self.result.cuts += 1
+            for i in while_away:
+                self.send_candidate(other, i)
+            await other.barrier(timeout)
+        finally:
+            away.unpause()
+        await self.resume(away, deadline)
+        for i in rest:
+            self.send_candidate(away, i)
 
     async def _end(self, call_id: str, by: Side, sides: list[Side]) -> bool:
         for side in sides:
@@ -514,19 +666,22 @@ def spawn(argv: list[str], port: int, cpu: int | None = None, server_dir: str | 
 
 
 def spawn_server(
-    calls: int = 0, cpu: int | None = None, extra: Sequence[str] = (), server_dir: str | None = None
+    calls: int = 0, cpu: int | None = None, extra: Sequence[str] = (), server_dir: str | None = None,
+    cuts: bool = False,
 ) -> Spawned:
     """``python -m signal_srv`` on a free port, quiet, with room for ``calls`` calls.
 
     ``server_dir``: run the server from that source tree instead (e.g. a ``git archive``
-    snapshot, for before/after comparisons).
+    snapshot, for before/after comparisons). ``cuts``: also hold and keep frames generously
+    for participants that are away (``CUT_LIMITS``).
     """
     raise_nofile(max(4 * calls + 1024, 4096))
     known = server_options(server_dir)
     port = free_port()
     argv = [sys.executable, "-m", "signal_srv", f"--port={port}", "--address=127.0.0.1", "--log_level=warning",
             f"--max_calls={max(100000, 4 * calls)}"]
-    argv += [f"--{name}={value}" for name, value in GENEROUS_LIMITS.items() if name in known]
+    limits = {**GENEROUS_LIMITS, **(CUT_LIMITS if cuts else {})}
+    argv += [f"--{name}={value}" for name, value in limits.items() if name in known]
     return spawn(argv + list(extra), port, cpu, server_dir)
 
 
@@ -537,13 +692,14 @@ def format_table(result: StressResult, options: StressOptions) -> str:
     d = result.to_dict()
     lines = [
         f"signal-srv-stress: {'OK' if result.ok else 'FAILED'}  ({options.calls} calls, "
-        f"{options.candidates} candidates each way, {options.end_fraction:.0%} ended mid-run, {d['elapsed']:.1f} s)",
+        f"{options.candidates} candidates each way, {options.end_fraction:.0%} ended mid-run, "
+        f"{options.cut_fraction:.0%} cut and resumed, {d['elapsed']:.1f} s)",
         f"  calls      ok {d['calls_ok']}  failed {d['calls_failed']}  unfinished {d['calls_unfinished']}  "
-        f"ended mid-run {d['ended_mid_run']}",
+        f"ended mid-run {d['ended_mid_run']}  cut {d['cuts']} (replayed {d['replayed']})",
         f"  messages   sent {d['sent']}  delivered {d['delivered']}  lost {d['lost']}  duplicated {d['duplicated']}  "
         f"misrouted {d['misrouted']}  reordered {d['reordered']}",
         f"  errors     unexpected errors {d['unexpected_errors']}  unexpected closes {d['unexpected_closes']}  "
-        f"seq gaps {d['seq_gaps']}",
+        f"seq gaps {d['seq_gaps']}  resume failed {d['resume_failed']}",
         f"  throughput {d['messages_per_s']} messages/s, {d['calls_per_s']} calls/s",
         "  latency ms        n      p50      p95      p99      max",
     ]
@@ -562,24 +718,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="candidates each way per call (default %(default)s)")
     p.add_argument("--end-fraction", type=float, default=StressOptions.end_fraction,
                    help="fraction of calls ended mid-run (default %(default)s)")
+    p.add_argument("--cut-fraction", type=float, default=StressOptions.cut_fraction,
+                   help="fraction of calls in which one socket is cut mid-burst without a close frame and "
+                        "resumed with last_seq (default %(default)s)")
     p.add_argument("--duration", type=float, default=StressOptions.duration,
                    help="cap on the whole run, seconds (default %(default)s)")
     p.add_argument("--timeout", type=float, default=StressOptions.timeout,
                    help="cap on every single wait, seconds (default %(default)s)")
-    p.add_argument("--seed", type=int, help="seed choosing the calls ended mid-run")
+    p.add_argument("--seed", type=int, help="seed choosing the calls ended mid-run and the calls cut")
     p.add_argument("--server-dir", help="with --spawn: run signal_srv from this source tree (e.g. a git snapshot)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = p.parse_args(argv)
     if args.url and args.spawn:
         p.error("--url and --spawn exclude each other")
-    if args.calls < 1 or args.candidates < 0 or not 0 <= args.end_fraction <= 1 or args.duration <= 0:
-        p.error("need --calls >= 1, --candidates >= 0, 0 <= --end-fraction <= 1, --duration > 0")
+    if (args.calls < 1 or args.candidates < 0 or not 0 <= args.end_fraction <= 1
+            or not 0 <= args.cut_fraction <= 1 or args.duration <= 0):
+        p.error("need --calls >= 1, --candidates >= 0, 0 <= --end-fraction <= 1, 0 <= --cut-fraction <= 1, "
+                "--duration > 0")
     return args
 
 
 def _progress_line(run: _Run) -> None:
     r = run.result
-    errors = r.lost + r.duplicated + r.misrouted + r.reordered + r.unexpected_errors + r.unexpected_closes
+    errors = (r.lost + r.duplicated + r.misrouted + r.reordered + r.resume_failed + r.unexpected_errors
+              + r.unexpected_closes)
     sys.stdout.write(f"\r  sockets connected {run.connected}/{2 * run.options.calls}  relayed {r.delivered}/{r.sent}"
                      f"  calls done {r.calls_ok + r.calls_failed}  errors {errors}   ")
     sys.stdout.flush()
@@ -589,9 +751,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: exit 0 on exact delivery, 1 on any fault."""
     args = parse_args(argv)
     options = StressOptions(calls=args.calls, candidates=args.candidates, end_fraction=args.end_fraction,
-                            duration=args.duration, timeout=args.timeout, seed=args.seed)
+                            cut_fraction=args.cut_fraction, duration=args.duration, timeout=args.timeout,
+                            seed=args.seed)
     raise_nofile(4 * options.calls + 1024)
-    server = None if args.url else spawn_server(options.calls, server_dir=args.server_dir)
+    server = None if args.url else spawn_server(options.calls, server_dir=args.server_dir,
+                                                cuts=options.cut_fraction > 0)
     try:
         url = args.url or server.base_url  # type: ignore[union-attr]
         live = _progress_line if sys.stdout.isatty() and not args.json else None

@@ -119,16 +119,55 @@ async def test_calls_ended_mid_run_are_verified_closed_and_the_others_go_on(base
     assert result.ok and result.ended_mid_run == 10 and result.sent == 20
 
 
+@pytest.mark.settings(ws_buffer_limit=1024, resume_buffer=1024)
+async def test_cut_sockets_resume_and_still_get_every_message_once_and_in_order(base_url: str) -> None:
+    result = await run_stress(base_url, small(candidates=10, cut_fraction=0.5))
+    assert result.failures == []
+    assert result.ok
+    assert (result.calls_ok, result.cuts, result.resume_failed) == (20, 10, 0)
+    assert len(result.latency_ms["resume"]) == 10
+    # Each cut leaves at least 2 of the peer's frames unread on the cut socket: replayed on resume.
+    assert result.replayed >= 10 * 2
+    # The cut calls send exactly what the others do; pings are the tool's own and are not counted.
+    assert result.sent == result.delivered == 20 * (2 + 2 * 10) + 14 * 2
+    assert (result.lost, result.duplicated, result.reordered, result.seq_gaps) == (0, 0, 0, 0)
+
+
+@pytest.mark.settings(resume_buffer=1)
+async def test_a_server_that_keeps_too_little_for_a_resume_fails_the_run(base_url: str) -> None:
+    # With 10 candidates the peer sends 3 frames to the cut socket after it stopped reading
+    # (a pong proves the server sent them all before the cut); the paused reader records at
+    # most the one it was already awaiting, so at least 2 are missed and a server that keeps
+    # only 1 frame must answer resume_failed, every time.
+    result = await run_stress(base_url, small(calls=4, candidates=10, cut_fraction=1.0))
+    assert not result.ok
+    assert (result.cuts, result.resume_failed, result.calls_failed) == (4, 4, 4)
+    assert result.lost >= 4 * 2 and result.delivered == result.sent - result.lost
+    assert (result.duplicated, result.reordered, result.seq_gaps) == (0, 0, 0)
+    assert any("resume_failed after seq" in text for text in result.failures)
+    assert "resume failed 4" in format_table(result, small(cut_fraction=1.0))
+
+
+def test_the_cut_fraction_must_be_a_fraction() -> None:
+    from signal_srv.stress import parse_args
+
+    assert parse_args(["--cut-fraction", "0.3"]).cut_fraction == 0.3
+    with pytest.raises(SystemExit):
+        parse_args(["--cut-fraction", "1.5"])
+
+
 def test_the_table_and_json_report_every_count() -> None:
     options = small()
     from signal_srv.stress import StressResult
 
-    result = StressResult(calls=2, calls_ok=1, calls_failed=1, sent=4, delivered=3, lost=1)
+    result = StressResult(calls=2, calls_ok=1, calls_failed=1, sent=4, delivered=3, lost=1, cuts=1)
     result.latency_ms["relay_hop"] += [1.0, 2.0, 3.0]
     table = format_table(result, options)
-    assert "FAILED" in table and "lost 1" in table and "relay_hop" in table
+    assert "FAILED" in table and "lost 1" in table and "cut 1" in table and "relay_hop" in table
     data = json.loads(json.dumps(result.to_dict()))
     assert data["ok"] is False and data["lost"] == 1 and data["latency_ms"]["relay_hop"]["max"] == 3.0
+    assert data["cuts"] == 1 and data["resume_failed"] == 0
+    assert not StressResult(calls=1, calls_ok=1, resume_failed=1).ok
 
 
 def test_percentiles_use_the_nearest_rank() -> None:

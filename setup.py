@@ -20,6 +20,8 @@ setup(
             "schemathesis>=4.0",
             "jsonschema>=4.18",
             "websocket-client>=1.7",
+            "playwright>=1.45",
+            "aiortc>=1.9",
         ],
     },
     entry_points={

@@ -21,10 +21,13 @@ const BACKOFF_MAX_MS = 10000;
 const RECONNECT_ATTEMPTS = 12;
 const PING_INTERVAL_MS = 15000;
 const PONG_TIMEOUT_MS = 10000;
+const ICE_STALL_MS = 5000;
+const ICE_STALL_RESTARTS = 3;
 
 // Close codes after which reconnecting with the same credentials cannot help.
 const FINAL_CLOSE = new Map([
   [1000, 'closed'],
+  [1008, 'policy'],
   [4400, 'bad_request'],
   [4401, 'unauthorized'],
   [4404, 'call_not_found'],
@@ -83,13 +86,15 @@ const credentials = {
 // -------------------------------------------------------------------------- Signaling
 
 // One call's WebSocket. Reconnects with exponential backoff and jitter after any close
-// that is not final (FINAL_CLOSE), keeps frames sent while down and flushes them on the
+// that is not final (FINAL_CLOSE), asking with `last_seq` for every frame it missed
+// (the server's lossless resume), keeps frames sent while down and flushes them on the
 // next open, and detects a dead socket with application pings.
 class Signaling {
   constructor({ callId, peerId, token, onMessage, onStatus }) {
     this.url = new URL(`${API}/ws`, location.href);
     this.url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    this.url.search = new URLSearchParams({ call_id: callId, peer_id: peerId, token });
+    this.query = { call_id: callId, peer_id: peerId, token };
+    this.lastSeq = null;       // `seq` of the last frame received, for a lossless resume
     this.onMessage = onMessage;
     this.onStatus = onStatus;
     this.ws = null;
@@ -127,10 +132,12 @@ class Signaling {
   }
 
   #open() {
-    this.#setStatus(this.attempt ? 'reconnecting' : 'connecting');
+    this.#setStatus(this.attempt ? 'reconnecting' : 'connecting', { lastSeq: this.lastSeq });
+    const query = new URLSearchParams(this.query);
+    if (this.lastSeq !== null) query.set('last_seq', String(this.lastSeq));
+    this.url.search = query;
     const ws = this.ws = new WebSocket(this.url);
     ws.onopen = () => {
-      this.attempt = 0;
       this.#setStatus('open');
       for (const frame of this.outbox.splice(0)) ws.send(frame);
       this.#startPings();
@@ -142,6 +149,8 @@ class Signaling {
       } catch {
         return;
       }
+      this.attempt = 0; // reset only once the server really talks, not on a bare open
+      if (Number.isInteger(message.seq)) this.lastSeq = message.seq;
       if (message.type === 'pong') {
         clearTimeout(this.pongTimer);
         return;
@@ -219,12 +228,14 @@ class Peer {
     this.onChange = onChange;
     this.log = log;
     this.peerPresent = false;
+    this.stallRestarts = 0;
     this.chain = Promise.resolve();
     this.pc = null;
     this.#create();
   }
 
   close() {
+    clearTimeout(this.iceTimer);
     this.pc.close();
     this.onChange();
   }
@@ -248,11 +259,14 @@ class Peer {
   }
 
   // Our signaling socket came back: recover whatever the outage may have broken.
-  resync() {
+  resync({ framesLost = false } = {}) {
     const pc = this.pc;
     if (!this.peerPresent) return;
     if (pc.connectionState === 'failed' || pc.iceConnectionState === 'failed') {
       this.log('media connection failed: restarting ICE');
+      pc.restartIce();
+    } else if (framesLost && pc.remoteDescription) {
+      this.log('signaling frames were lost: restarting ICE');
       pc.restartIce();
     } else if (pc.signalingState === 'have-local-offer' && pc.localDescription) {
       this.#send('offer', pc.localDescription.toJSON());
@@ -274,9 +288,15 @@ class Peer {
       return;
     }
     if (pc.signalingState !== 'stable' || this.makingOffer) return;
+    if (pc.getTransceivers().length === 0) return; // receive-only: the other side offers
     this.wantOffer = false;
+    this.makingOffer = true;
+    this.offering = this.#offer(pc);
+    await this.offering;
+  }
+
+  async #offer(pc) {
     try {
-      this.makingOffer = true;
       await pc.setLocalDescription();
       if (pc === this.pc) this.#send('offer', pc.localDescription.toJSON());
     } catch (err) {
@@ -302,23 +322,28 @@ class Peer {
   }
 
   async #receive(type, payload) {
-    const { session, target, ...body } = payload;
+    const { session: tag, target, ...body } = payload;
+    const session = tag ?? null; // clients that do not tag their messages still work
     if (target && target !== this.session) return; // meant for a connection we closed
     if (type === 'candidate') {
       if (session === this.remoteSession) await this.#addCandidate(body);
       return;
     }
     if (type !== 'offer' && type !== 'answer') return;
+    this.log(`received ${type} (signaling state ${this.pc.signalingState})`);
     if (this.remoteSession && session !== this.remoteSession) {
       if (type === 'answer') return;
       this.log('the other side has a new connection: starting over');
       this.reset();
     }
-    this.remoteSession = session ?? null;
+    this.remoteSession = session;
     await this.#onDescription({ type: body.type ?? type, sdp: body.sdp });
   }
 
   async #onDescription(description) {
+    // Let our own offer in flight settle first: Chromium can leave ICE gathering stuck
+    // when a rollback is queued behind a setLocalDescription that has not finished.
+    await this.offering;
     const pc = this.pc;
     const readyForOffer = !this.makingOffer &&
       (pc.signalingState === 'stable' || this.settingRemoteAnswer);
@@ -352,6 +377,7 @@ class Peer {
   }
 
   #send(type, body) {
+    if (type !== 'candidate') this.log(`sending ${type}`);
     this.sendRaw(type, { ...body, session: this.session, target: this.remoteSession });
   }
 
@@ -363,13 +389,13 @@ class Peer {
     this.ignoreOffer = false;
     this.settingRemoteAnswer = false;
     this.wantOffer = false;
+    this.offering = Promise.resolve();
+    clearTimeout(this.iceTimer);
     const pc = this.pc = new RTCPeerConnection({ iceServers: this.iceServers });
-    if (this.localStream) {
-      for (const track of this.localStream.getTracks()) pc.addTrack(track, this.localStream);
-    } else {
-      pc.addTransceiver('audio', { direction: 'recvonly' });
-      pc.addTransceiver('video', { direction: 'recvonly' });
-    }
+    // Without a camera there is nothing to add: the answer to the other side's offer is
+    // then receive-only. (Transceivers added here would not be matched to the offer's
+    // m-lines and would force a second negotiation.)
+    for (const track of this.localStream?.getTracks() ?? []) pc.addTrack(track, this.localStream);
     pc.onnegotiationneeded = () => this.negotiate();
     pc.onicecandidate = ({ candidate }) => {
       if (candidate && pc === this.pc) this.#send('candidate', candidate.toJSON());
@@ -377,13 +403,31 @@ class Peer {
     pc.ontrack = ({ track, streams }) => this.onTrack(track, streams[0]);
     pc.onconnectionstatechange = () => {
       if (pc !== this.pc) return;
+      if (pc.connectionState === 'connected') this.stallRestarts = 0;
       if (pc.connectionState === 'failed' && this.peerPresent) {
         this.log('media connection failed: restarting ICE');
         pc.restartIce();
       }
       this.onChange();
     };
-    pc.onsignalingstatechange = () => this.onChange();
+    pc.onsignalingstatechange = () => {
+      if (pc.signalingState === 'stable' && pc.remoteDescription) this.#watchIce(pc);
+      this.onChange();
+    };
+  }
+
+  // If ICE has not even started checking a while after a completed negotiation (no
+  // candidates came through, or gathering got stuck), start over with a new connection:
+  // the other side sees the new session and starts over too.
+  #watchIce(pc) {
+    clearTimeout(this.iceTimer);
+    this.iceTimer = setTimeout(() => {
+      if (pc !== this.pc || !this.peerPresent || pc.iceConnectionState !== 'new') return;
+      if (this.stallRestarts >= ICE_STALL_RESTARTS) return;
+      this.stallRestarts += 1;
+      this.log('ICE did not start: starting over with a new connection');
+      this.reset();
+    }, ICE_STALL_MS);
   }
 }
 
@@ -394,8 +438,12 @@ const $ = (id) => document.getElementById(id);
 const REASONS = {
   ended: 'The call was ended.',
   expired: 'The call expired.',
-  left: 'You left the call.',
+  left: 'The call is over: a participant left.',
+  timeout: 'The call is over: the other participant lost their connection.',
+  unclaimed: 'The call is over: nobody joined in time.',
+  max_duration: 'The call reached its maximum duration.',
   shutdown: 'The server is restarting; the call is over.',
+  error: 'The call ended because of a server error.',
 };
 
 class Demo {
@@ -467,6 +515,9 @@ class Demo {
   async enter(me) {
     this.me = me;
     this.callId = me.call_id;
+    this.state = null;
+    this.notices.clear();
+    this.#say('call', '');
     this.#setPhase('in_call');
     $('invite-link').value = new URL(`/?call=${encodeURIComponent(me.call_id)}`, location.href).href;
     await Promise.all([this.#loadIceServers(), this.#startCamera()]);
@@ -509,12 +560,16 @@ class Demo {
     this.awaitingState = false;
     this.state = state;
     const other = state.subject && state.subject !== this.me.peer_id;
-    if (other && state.event === 'left') this.#say('peer', 'The other participant left. Waiting for someone to join…');
+    if (other && state.event === 'left') {
+      this.#say('peer', 'The other participant left. Waiting for someone to join…');
+      for (const track of this.remoteStream.getTracks()) this.remoteStream.removeTrack(track);
+    }
     if (other && state.event === 'disconnected') this.#say('peer', 'The other participant lost their connection to the server…');
     if (other && (state.event === 'joined' || state.event === 'connected')) this.#say('peer', '');
     this.peer.setPeerPresent(state.participants.count >= 2);
     if (other && state.event === 'connected') this.peer.peerReconnected();
-    if (firstAfterOpen) this.peer.resync();
+    if (firstAfterOpen) this.peer.resync({ framesLost: this.resumeFailed });
+    if (firstAfterOpen) this.resumeFailed = false;
     this.render();
   }
 
@@ -523,11 +578,17 @@ class Demo {
       this.peer.offerUndelivered();
       return;
     }
+    if (message.code === 'resume_failed') {
+      this.resumeFailed = true; // frames from the other side were lost: renegotiate
+      return;
+    }
     this.log(`server error ${message.code}: ${message.message}`);
   }
 
   onSocketStatus(status, detail) {
-    this.log(`signaling ${status}${detail.code ? ` (close code ${detail.code})` : ''}`);
+    const code = detail.code ? ` (close code ${detail.code})` : '';
+    const resume = status === 'reconnecting' && detail.lastSeq != null ? ` (resuming after seq ${detail.lastSeq})` : '';
+    this.log(`signaling ${status}${code}${resume}`);
     if (status === 'open') this.awaitingState = true;
     if (status === 'reconnecting') this.#say('socket', `Connection to the server lost; reconnecting (attempt ${this.signaling?.attempt ?? 1})…`);
     if (status === 'open') this.#say('socket', '');
@@ -544,6 +605,8 @@ class Demo {
       this.finish('The server no longer accepts this tab\'s place in the call.');
     } else if (reason === 'closed') {
       this.finish('The server closed the connection.');
+    } else if (reason === 'policy') {
+      this.finish('The server closed the connection: too many messages.', { keep: true });
     } else {
       this.finish(`Lost the connection to the server (close code ${code}).`, { keep: true });
     }
@@ -572,10 +635,12 @@ class Demo {
     this.signaling?.stop();
     this.peer?.close();
     for (const track of this.localStream?.getTracks() ?? []) track.stop();
+    this.localStream = null;
+    $('local-video').srcObject = null;
     for (const track of this.remoteStream.getTracks()) this.remoteStream.removeTrack(track);
+    $('remote-video').srcObject = null;
     this.#setPhase('ended');
-    this.#say('peer', '');
-    this.#say('socket', '');
+    this.notices.clear();
     this.#say('call', message);
   }
 
@@ -688,7 +753,7 @@ class Demo {
     $('hang-up').disabled = !inCall;
     const s = this.state;
     $('call-status').textContent = this.phase === 'ended' ? 'ended' : s?.status ?? '–';
-    $('participants').textContent = s
+    $('participants').textContent = s && this.phase !== 'ended'
       ? `${s.participants.count} of ${s.participants.max} joined, ${s.participants.connected} connected`
       : '–';
     $('socket-status').textContent = this.signaling?.status ?? '–';

@@ -1,4 +1,4 @@
-"""Fixtures for the end-to-end tests (see ``support.py``) and the ``e2e`` marker."""
+"""Fixtures for the end-to-end tests (see ``support.py``); the ``e2e`` marker is in pytest.ini."""
 
 from __future__ import annotations
 
@@ -8,10 +8,6 @@ from typing import Iterator
 import pytest
 
 from tests.e2e.support import NetNamespace, ServerThread, e2e_config, skip_or_fail
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "e2e: end-to-end test with a real WebRTC stack (aiortc, Chromium)")
 
 
 @pytest.fixture

@@ -24,12 +24,11 @@ import threading
 from typing import Any, Callable, TypeVar
 
 import pytest
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from signal_srv.app import make_app
 from signal_srv.config import Config
-from signal_srv.server import BODY_BACKSTOP
+from signal_srv.server import make_server
 
 __all__ = ["E2E_TIMEOUT", "NetNamespace", "ServerThread", "e2e_config", "in_ci", "run_in_netns", "setns"]
 
@@ -141,7 +140,8 @@ class ServerThread:
     """signal_srv (``make_app(config)``) on 127.0.0.1 and a free port, in its own thread and loop.
 
     Like ``signal_srv.server.serve()``, minus the signal handlers (those only work in the
-    main thread). Inside ``netns``, the listening socket belongs to that namespace.
+    main thread), the metrics port and the sweeper. Inside ``netns``, the listening socket
+    belongs to that namespace.
     """
 
     def __init__(self, config: Config, netns: NetNamespace | None = None) -> None:
@@ -182,8 +182,7 @@ class ServerThread:
     async def _serve(self) -> None:
         app = make_app(self.config)
         registry = app.settings["registry"]
-        server = HTTPServer(app, xheaders=self.config.xheaders,
-                            max_body_size=self.config.max_body_size + BODY_BACKSTOP)
+        server = make_server(app, self.config)
         sockets = bind_sockets(0, "127.0.0.1")
         server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]

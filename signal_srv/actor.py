@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable, Protocol
 
 from tornado.queues import Queue, QueueFull
@@ -65,6 +64,9 @@ class Envelope:
     event: Event
     reply: asyncio.Future[Any] | None = None
     socket: Socket | None = None
+
+
+_WAKE_UP = Envelope(Expire())  # posted by the actor's timer; checked by identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,7 @@ class CallActor:
         self._heartbeat_timeout = heartbeat_timeout
         self._alive = True
         self._pinged_at = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self.log = logging.LoggerAdapter(logger, {"call_id": self.call_id})
 
@@ -228,20 +231,28 @@ class CallActor:
             self._teardown(crashed)
 
     async def _next(self) -> Envelope | None:
-        """The next envelope, or None when a timer (expiry, heartbeat) is due first."""
+        """The next envelope, or None when a timer (expiry, heartbeat) is due first.
+
+        One timer per actor, re-armed only when the wake time moves earlier, posts a wake-up
+        envelope; a get(timeout=...) per envelope would create and cancel a timer each time.
+        """
         wake = self._wake_time()
-        if self._queue.qsize():
-            # A steady stream of envelopes must not starve the timers.
-            if wake is not None and time.monotonic() >= wake:
-                return None
-            return self._queue.get_nowait()
-        if wake is None:
-            return await self._queue.get()
+        if wake is not None and time.monotonic() >= wake:
+            return None  # checked first, so a steady stream of envelopes cannot starve the timers
+        if wake is not None and (self._timer is None or wake < self._timer.when()):
+            if self._timer is not None:
+                self._timer.cancel()
+            # asyncio's loop clock is time.monotonic(); IOLoop.time() would be the wall clock.
+            self._timer = asyncio.get_running_loop().call_at(wake, self._wake_up)
+        envelope = self._queue.get_nowait() if self._queue.qsize() else await self._queue.get()
+        return None if envelope is _WAKE_UP else envelope
+
+    def _wake_up(self) -> None:
+        self._timer = None
         try:
-            # A relative timedelta: a number would be a wall-clock (IOLoop.time()) deadline.
-            return await self._queue.get(timeout=timedelta(seconds=max(0.0, wake - time.monotonic())))
-        except TimeoutError:
-            return None
+            self._queue.put_nowait(_WAKE_UP)
+        except QueueFull:
+            pass  # a busy actor checks its wake time before each envelope anyway
 
     def _wake_time(self) -> float | None:
         deadline, heartbeat = self.call.deadline(), self._heartbeat_due()
@@ -350,6 +361,8 @@ class CallActor:
 
     def _teardown(self, crashed: bool) -> None:
         self._alive = False
+        if self._timer is not None:
+            self._timer.cancel()
         if crashed:
             ended = messages.to_json(messages.call_ended(self.call_id, "error"))
             for socket in self._sockets.values():

@@ -138,7 +138,7 @@ class CallActor:
         self._alive = True
         self._pinged_at = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
-        self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.log = logging.LoggerAdapter(logger, {"call_id": self.call_id})
 
     # Interface used by handlers --------------------------------------------------------

@@ -8,6 +8,7 @@ periodic ``sweep`` expires any call whose deadline passed without its actor noti
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import heapq
 import itertools
@@ -28,7 +29,7 @@ from signal_srv.metrics import Metrics
 if TYPE_CHECKING:
     from signal_srv.webhooks import Webhooks
 
-__all__ = ["Registry", "Statistics", "new_id"]
+__all__ = ["Registry", "Statistics", "new_id", "new_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ SWEEP_BATCH = 1000  # calls examined between two yields to the event loop
 def new_id() -> str:
     """128 random bits, URL-safe."""
     return secrets.token_urlsafe(16)
+
+
+def new_ids(count: int) -> list[str]:
+    """``count`` ids of 128 random bits each, from one read of the system's random source."""
+    raw = secrets.token_bytes(16 * count)
+    return [base64.urlsafe_b64encode(raw[i:i + 16]).rstrip(b"=").decode() for i in range(0, 16 * count, 16)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +109,7 @@ class Registry:
             raise Capacity("the server is shutting down")
         if len(self._actors) >= self.max_calls:
             raise Capacity(f"{self.max_calls} calls are live; try again later")
-        call_id = new_id()
+        call_id, peer_id, peer_token = new_ids(3)
         while call_id in self._actors:
             call_id = new_id()
         now = time.monotonic()
@@ -113,7 +120,6 @@ class Registry:
             heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
             metrics=self.metrics, on_notify=self._notify if self.webhooks is not None else None,
         )
-        peer_id, peer_token = new_id(), new_id()
         joined = actor.start(peer_id, peer_token)
         self._actors[call_id] = actor
         self._by_order[order] = actor

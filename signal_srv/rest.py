@@ -28,7 +28,7 @@ from signal_srv.errors import (
 )
 from signal_srv.limits import Limits, RateLimiter
 from signal_srv.metrics import Metrics
-from signal_srv.registry import Registry, new_id
+from signal_srv.registry import Registry, new_ids
 
 __all__ = [
     "ApiHandler",
@@ -236,7 +236,7 @@ class JoinHandler(ApiHandler):
         self.json_body()
         self.check_rate(self.limits.join, "join")
         actor = self.registry.get(call_id)
-        peer_id, token = new_id(), new_id()
+        peer_id, token = new_ids(2)
         joined: Joined = await actor.ask(Join(peer_id, token), self.config.ask_timeout)
         self.reply(200, self.credentials(joined, peer_id, token))
 

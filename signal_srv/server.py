@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -24,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 # Headroom above max_body_size: our handlers answer 413 themselves; this is the backstop.
 BODY_BACKSTOP = 1024
+
+# Each call allocates a few dozen long-lived objects (actor, queue, task, participants), so
+# the default young-generation threshold (700) makes the cyclic GC run every few creates and
+# walk ever more survivors: measured 52 us per created call with the defaults, 24 us with these.
+GC_THRESHOLDS = (10_000, 20, 20)
 
 
 def make_server(app: Application, config: Config) -> HTTPServer:
@@ -77,4 +83,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.write(f"signal-srv: configuration error: {exc}\n")
         raise SystemExit(2) from None
     setup_logging(config.log_level, config.log_format)
+    gc.freeze()  # start-up objects (modules, config) need never be scanned again
+    gc.set_threshold(*GC_THRESHOLDS)
     asyncio.run(serve(config))

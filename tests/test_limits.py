@@ -118,3 +118,18 @@ async def test_readyz_is_503_at_capacity(client: SignalingClient, log_guard: Any
     await client.create_call()
     status, body, headers = await client.request("GET", "/readyz")
     assert (status, body, headers["Retry-After"]) == (503, {"status": "at_capacity"}, "1")
+
+
+async def test_while_shutting_down_readyz_and_create_answer_503(
+    client: SignalingClient, registry: Any, log_guard: Any
+) -> None:
+    log_guard.expect("signal_srv.access", "^503 ")
+    pair = await make_pair(client)
+    await registry.close()
+    assert (await pair.a.wait_for("server_shutdown"))["type"] == "server_shutdown"
+    status, body, _ = await client.request("GET", "/readyz")
+    assert (status, body) == (503, {"status": "shutting_down"})
+    status, body, headers = await client.request("POST", "/apiv2/calls")
+    assert (status, body["error"]["code"], headers["Retry-After"]) == (503, "capacity", "1")
+    late = await client.connect_as(pair.host)
+    assert await late.wait_closed() == (1013, "server busy")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -136,7 +137,8 @@ class CallActor:
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
         self._alive = True
-        self._pinged_at = time.monotonic()
+        # A random phase, so that calls created in a burst do not all ping at the same moment.
+        self._pinged_at = time.monotonic() - random.random() * heartbeat_interval
         self._timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.log = logging.LoggerAdapter(logger, {"call_id": self.call_id})

@@ -190,21 +190,28 @@ class SyncSocket:
         self.ws.send(data, opcode)
 
     def recv(self) -> Any:
-        """The next text frame, decoded. Raises ``Closed`` (after the closing handshake) or a timeout."""
+        """The next text frame, decoded. Raises ``Closed`` (after the closing handshake) or a timeout.
+
+        Heartbeat pings (answered by websocket-client itself) are skipped: each call pings
+        from a random phase, so one can arrive at any moment.
+        """
         if self.closed is not None:
             raise self.closed
-        try:
-            opcode, data = self.ws.recv_data(control_frame=True)
-        except (websocket.WebSocketConnectionClosedException, ConnectionError) as exc:
-            self.closed = Closed(None, str(exc))
-            raise self.closed from None
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
-            self.closed = Closed(code, data[2:].decode("utf-8", "replace"))
-            self.ws.shutdown()
-            raise self.closed
-        assert opcode == websocket.ABNF.OPCODE_TEXT, f"unexpected opcode {opcode}"
-        return json.loads(data)
+        while True:
+            try:
+                opcode, data = self.ws.recv_data(control_frame=True)
+            except (websocket.WebSocketConnectionClosedException, ConnectionError) as exc:
+                self.closed = Closed(None, str(exc))
+                raise self.closed from None
+            if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+                continue
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
+                self.closed = Closed(code, data[2:].decode("utf-8", "replace"))
+                self.ws.shutdown()
+                raise self.closed
+            assert opcode == websocket.ABNF.OPCODE_TEXT, f"unexpected opcode {opcode}"
+            return json.loads(data)
 
     def wait_closed(self) -> Closed:
         """Read until the server closes; return the close (frames on the way are skipped)."""

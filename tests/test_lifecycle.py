@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from signal_srv.client import ApiError, SignalingClient
+from signal_srv.client import SignalingClient
 from signal_srv.registry import Registry
 from signal_srv.turn import turn_credential
 from tests.conftest import TIMEOUT

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
-from signal_srv.client import ConnectionClosed, SignalingClient
+from signal_srv.client import SignalingClient
 from signal_srv.limits import RateLimiter, TokenBucket
 from tests.test_ws import assert_relays, make_pair
 

@@ -1,4 +1,4 @@
-"""A hypothesis state machine drives random create/join/leave/end/connect/disconnect/relay
+"""A hypothesis state machine drives random create/join/leave/end/expire/connect/disconnect/relay
 sequences against a live server process and checks every answer against a small model.
 
 The model is the README's rules, written independently of ``call.py``: two seats per call,
@@ -9,28 +9,74 @@ only (held while it is not connected), and every server frame carries the next `
 its recipient. After each step every open socket is synchronised with a ping: the frames
 before its ``pong`` must be exactly the ones the model predicts, in order.
 
-Expiry is not modelled: the TTL timers (``call_ttl``, ``unclaimed_ttl``,
-``departure_timeout``) are wall-time deadlines, so a random sequence could only observe them
-by sleeping or polling. They keep their defaults (minutes), which no run comes near.
+Expiry. The server runs with a short ``call_ttl`` (``TTL``) and ``unclaimed_ttl`` /
+``departure_timeout`` far beyond any run, so only the inactivity TTL can end a call behind
+the model's back. A call expires ``TTL`` after its last activity (an accepted REST request,
+socket traffic, a connect or a disconnect) while no socket is connected. The model keeps,
+per call, the client-side monotonic window ``[lo, hi]`` of its last activity: ``lo`` just
+before the request or frame went out, ``hi`` once its effect was observed. The server and
+the test share the system's monotonic clock, so a call with no connected socket:
+
+- is certainly alive until ``lo + TTL`` (``EARLY`` absorbs clock granularity only: load can
+  make the server late, never early);
+- may be gone from then on: every check that touches it accepts both outcomes, and
+  updates the model to what it saw (``404`` / ``4404``: gone for good; an accepted request:
+  that was activity);
+- should be gone by ``hi + TTL + SLACK``, but a loaded machine can make the server later
+  still, so ordinary rules treat that as "may be gone" too. Only ``wait_for_expiry`` insists,
+  with a bound of ``LATE`` past ``hi + TTL``.
+
+A connected socket keeps its call alive however long, and expiry needs a call without one,
+so no socket the model holds can ever receive ``call_ended`` with reason ``expired``: such a
+frame fails the test like any other unexpected frame.
+
+Every activity is made observable before the next step, so ``hi`` is a true bound: a
+client-side close is confirmed by the other participant's ``disconnected`` frame or, with
+nobody left connected, by ``expires_at`` turning non-null on ``GET /apiv2/calls/<id>``
+(a read: not activity, and not handled by the call's actor). A socket the server closed
+itself (after a REST leave, or replaced by a reconnect) is still reported to the call as a
+disconnect once the client drops it, which the server counts as activity; the model waits
+until the ``signal_srv_sockets`` gauge shows every such socket gone (so its disconnect is
+queued to the call before anything later) and extends ``hi`` to that moment.
+
+Whether a call has expired depends on timing, so what a rule sees may differ when
+hypothesis replays a case. Preconditions therefore depend only on which rules ran, never on
+what the server answered (hypothesis requires the same draws on a replay): rules without
+anything to act on (no open socket, no idle call) do nothing. Heartbeat pings, which start
+at a random phase of ``heartbeat_interval``, may arrive on any socket and are skipped.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
+import time
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from tests.conftest import TIMEOUT
 from tests.live_server import Closed, LiveServer, SyncSocket, http, live_server_fixture
 
-live_server = live_server_fixture()
+TTL = 0.4  # call_ttl of the server under test, in seconds
+SLACK = 0.25  # how late a loaded server may plausibly notice a deadline or a socket's close
+EARLY = 0.005  # how early a deadline may look: float and millisecond rounding only (load only delays)
+LATE = 0.3 * TIMEOUT  # a call still alive this long after hi + TTL is a failure (1.5 s unscaled)
+POLL = 0.02  # seconds between two polls of an observable state
+MAX_WAITS = 1  # wait_for_expiry rules per example (each takes about TTL)
 
-MAX_LIVE_CALLS = 3
+live_server = live_server_fixture(call_ttl=TTL, unclaimed_ttl=3600, departure_timeout=3600)
+
+MAX_CALLS = 5  # per example
 UNKNOWN_CALL = "A" * 22
+
+_SOCKETS_GAUGE = re.compile(r"^signal_srv_sockets (\S+)$", re.M)
 
 
 @dataclass
@@ -49,8 +95,11 @@ class Peer:
 @dataclass
 class MCall:
     call_id: str
+    lo: float  # the call's last activity happened at or after lo (monotonic) ...
+    hi: float  # ... and at or before hi
     peers: list[Peer] = field(default_factory=list)
     ended: bool = False
+    expired: bool = False  # ended by the TTL, as observed
 
     @property
     def seated(self) -> list[Peer]:
@@ -72,6 +121,16 @@ def matches(actual: Any, expected: Any) -> bool:
     return bool(actual == expected)
 
 
+def is_not_found(status: int, body: Any) -> bool:
+    return status == 404 and body["error"]["code"] == "call_not_found"
+
+
+def monotonic_of(iso: str) -> float:
+    """An ISO time of the server (``2026-11-25T16:13:09.627Z``) on this process's monotonic clock."""
+    wall = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    return wall - (time.time() - time.monotonic())
+
+
 class SignalingModel(RuleBasedStateMachine):
     server: LiveServer  # set by the test before running
 
@@ -79,16 +138,25 @@ class SignalingModel(RuleBasedStateMachine):
         super().__init__()
         self.calls: list[MCall] = []
         self.counter = itertools.count()
+        self.waits = 0
+        self.dropped: list[MCall] = []  # live calls with a server-closed socket we just dropped
+        self.sent = self.received = 0.0  # monotonic times around the last request
 
     # Helpers ---------------------------------------------------------------------------
 
     def url(self, path: str) -> str:
         return self.server.base_url + path
 
-    def post(self, path: str, token: str | None = None) -> tuple[int, Any]:
+    def request(self, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
+        """One request; ``self.sent`` / ``self.received`` bracket it on the monotonic clock."""
         headers = {"Authorization": f"Bearer {token}"} if token is not None else None
-        status, body, _ = http("POST", self.url(path), headers=headers)
+        self.sent = time.monotonic()
+        status, body, _ = http(method, self.url(path), headers=headers)
+        self.received = time.monotonic()
         return status, body
+
+    def post(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        return self.request("POST", path, token)
 
     def live(self) -> list[MCall]:
         return [c for c in self.calls if not c.ended]
@@ -96,8 +164,78 @@ class SignalingModel(RuleBasedStateMachine):
     def all_peers(self) -> list[Peer]:
         return [p for c in self.calls for p in c.peers]
 
+    def idle(self) -> list[MCall]:
+        """Live calls without a connected socket: the ones the TTL can end."""
+        return [c for c in self.live() if not c.connected]
+
     def pick(self, items: list[Any], i: int) -> Any:
         return items[i % len(items)]
+
+    # Expiry model ------------------------------------------------------------------------
+
+    def touch(self, c: MCall, sent: float, received: float) -> None:
+        """An activity of ``c`` happened between ``sent`` and ``received``."""
+        c.lo, c.hi = sent, received
+
+    def may_be_gone(self, c: MCall, now: float) -> bool:
+        return not c.ended and not c.connected and now >= c.lo + TTL - EARLY
+
+    def gone(self, c: MCall, now: float, what: str) -> None:
+        """The server says ``c`` no longer exists (seen at ``now``): it must have expired."""
+        assert not c.ended
+        assert not c.connected, f"{what}: call {c.call_id} is gone while {len(c.connected)} socket(s) are connected"
+        assert now >= c.lo + TTL - EARLY, (
+            f"{what}: call {c.call_id} gone {now - c.lo:.3f} s after its last activity began (call_ttl {TTL})")
+        c.ended = c.expired = True
+        for p in c.peers:
+            p.held.clear()
+
+    def check_expires_at(self, c: MCall, body: dict[str, Any]) -> None:
+        """``expires_at`` is ``null`` while a socket is connected, else last activity + TTL."""
+        if c.connected:
+            assert body["expires_at"] is None, body
+            return
+        assert body["expires_at"] is not None, body
+        expires = monotonic_of(body["expires_at"])
+        assert c.lo + TTL - EARLY <= expires <= c.hi + TTL + SLACK, (
+            f"expires_at is {expires - c.lo:.3f} s after the last activity began, "
+            f"{expires - c.hi:.3f} s after it was seen (call_ttl {TTL})")
+
+    def wait_gone(self, c: MCall, by: float) -> None:
+        """Poll ``GET /apiv2/calls/<id>`` (a read, not activity) until 404, at most until ``by``."""
+        while True:
+            status, body = self.request("GET", f"/apiv2/calls/{c.call_id}")
+            if is_not_found(status, body):
+                self.gone(c, self.received, "wait_for_expiry")
+                return
+            assert status == 200, body
+            self.check_summary(c, body)
+            self.check_expires_at(c, body)
+            assert self.received < by, (
+                f"call {c.call_id} still alive {self.received - c.hi - TTL:.3f} s after its deadline "
+                f"(last activity seen {self.received - c.hi:.3f} s ago, call_ttl {TTL})")
+            time.sleep(POLL)
+
+    def sync_sockets(self) -> None:
+        """Wait until the server has seen every socket we dropped go (its disconnect is queued)."""
+        want = sum(p.ws is not None for p in self.all_peers())
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with urllib.request.urlopen(self.url("/metrics"), timeout=TIMEOUT) as response:
+                text = response.read().decode()
+            match = _SOCKETS_GAUGE.search(text)
+            assert match is not None, text[:500]
+            if float(match.group(1)) == want:
+                break
+            assert time.monotonic() < deadline, f"signal_srv_sockets stays {match.group(1)}, expected {want}"
+            time.sleep(POLL)
+        now = time.monotonic()
+        for c in self.dropped:
+            if not c.ended:
+                c.hi = max(c.hi, now)
+        self.dropped.clear()
+
+    # Frames ----------------------------------------------------------------------------
 
     def expect_frame(self, p: Peer, frame: dict[str, Any]) -> None:
         """``p``'s socket will get ``frame`` next, stamped with ``p``'s next seq."""
@@ -145,15 +283,16 @@ class SignalingModel(RuleBasedStateMachine):
 
     # Rules -----------------------------------------------------------------------------
 
-    @precondition(lambda self: len(self.live()) < MAX_LIVE_CALLS)
+    @precondition(lambda self: len(self.calls) < MAX_CALLS)
     @rule()
     def create(self) -> None:
         status, body = self.post("/apiv2/calls")
         assert status == 201, body
-        c = MCall(body["call_id"])
+        c = MCall(body["call_id"], self.sent, self.received)
         self.calls.append(c)
         self.seat(c, body)
         self.check_summary(c, body)
+        self.check_expires_at(c, body)
 
     @precondition(lambda self: self.calls)
     @rule(i=st.integers(0, 99))
@@ -161,13 +300,17 @@ class SignalingModel(RuleBasedStateMachine):
         c = self.pick(self.calls, i)
         status, body = self.post(f"/apiv2/calls/{c.call_id}/join")
         if c.ended:
-            assert (status, body["error"]["code"]) == (404, "call_not_found")
+            assert is_not_found(status, body), (status, body)
+        elif is_not_found(status, body):
+            self.gone(c, self.received, "join")
         elif len(c.seated) >= 2:
-            assert (status, body["error"]["code"]) == (409, "call_full")
+            assert (status, body["error"]["code"]) == (409, "call_full")  # refused: not activity
         else:
             assert status == 200, body
+            self.touch(c, self.sent, self.received)
             p = self.seat(c, body)
             self.check_summary(c, body)
+            self.check_expires_at(c, body)
             self.state(c, "joined", p)
 
     @precondition(lambda self: self.calls)
@@ -177,12 +320,16 @@ class SignalingModel(RuleBasedStateMachine):
         c = p.call
         status, body = self.post(f"/apiv2/calls/{c.call_id}/{action}", p.token)
         if c.ended:
-            assert (status, body["error"]["code"]) == (404, "call_not_found")
+            assert is_not_found(status, body), (status, body)
+            return
+        if is_not_found(status, body):
+            self.gone(c, self.received, action)
             return
         if not p.seated:
             assert (status, body["error"]["code"]) == (401, "unauthorized")
             return
         assert status == 200, body
+        self.touch(c, self.sent, self.received)
         if action == "end":
             for q in c.connected:
                 self.expect_frame(q, {"type": "call_ended", "call_id": c.call_id, "reason": "ended"})
@@ -201,6 +348,7 @@ class SignalingModel(RuleBasedStateMachine):
             self.check_summary(c, body, 0)
         else:
             self.check_summary(c, body)
+            self.check_expires_at(c, body)
             self.state(c, "left", p)
 
     @precondition(lambda self: self.calls)
@@ -211,48 +359,96 @@ class SignalingModel(RuleBasedStateMachine):
         others = [p for p in self.all_peers() if p.call is not c]
         token = self.pick(others, j).token if others else None
         status, body = self.post(f"/apiv2/calls/{c.call_id}/end", token)
-        if c.ended and token is not None:
-            assert (status, body["error"]["code"]) == (404, "call_not_found")
+        if token is None:
+            assert (status, body["error"]["code"]) == (401, "unauthorized")  # before the call is looked up
+        elif c.ended:
+            assert is_not_found(status, body), (status, body)
+        elif is_not_found(status, body):
+            self.gone(c, self.received, "end with a wrong token")
         else:
-            assert (status, body["error"]["code"]) == (401, "unauthorized")
+            assert (status, body["error"]["code"]) == (401, "unauthorized")  # refused: not activity
 
     @precondition(lambda self: self.calls)
     @rule(i=st.integers(0, 99))
     def connect(self, i: int) -> None:
         p = self.pick(self.all_peers(), i)
         c = p.call
+        sent = time.monotonic()
         ws = SyncSocket.for_peer(self.server, c.call_id, p.peer_id, p.token)
         if c.ended or not p.seated:
             closed = ws.wait_closed()
+            if not c.ended and closed.code == 4404:
+                self.gone(c, time.monotonic(), "connect of a peer that left")
+                return
             assert closed.code == (4404 if c.ended else 4401), closed
             return
+        first = None
+        if not c.connected:  # the call may have expired: its first answer is our state frame or 4404
+            try:
+                first = ws.recv()
+            except Closed as closed:
+                assert closed.code == 4404, closed
+                self.gone(c, time.monotonic(), "connect")
+                return
         if p.ws is not None:
             self.drain(p)
             self.expect_close(p, 4409)
             self.read_expected(p.ws, p.expected)
+            self.dropped.append(c)  # its disconnect still reaches the call
         p.ws = ws
         self.state(c, "connected", p)
+        if first is not None:
+            want = p.expected.popleft()
+            assert matches(first, want), f"expected {want}\n got {first}"
         for kind, payload in p.held:
             self.expect_frame(p, {"type": kind, "call_id": c.call_id, "payload": payload})
         p.held.clear()
         for q in c.connected:
             self.drain(q)
+        self.touch(c, sent, time.monotonic())
 
-    @precondition(lambda self: any(p.ws is not None for p in self.all_peers()))
+    @precondition(lambda self: self.calls)
     @rule(i=st.integers(0, 99))
     def disconnect(self, i: int) -> None:
-        p = self.pick([p for p in self.all_peers() if p.ws is not None], i)
+        open_ = [p for p in self.all_peers() if p.ws is not None]
+        if not open_:
+            return
+        p = self.pick(open_, i)
+        c = p.call
         self.drain(p)
+        sent = time.monotonic()
         p.ws.close()
         p.ws = None
-        self.state(p.call, "disconnected", p)
-        for q in p.call.connected:
-            self.drain(q)
+        self.state(c, "disconnected", p)
+        for q in c.connected:
+            self.drain(q)  # their "disconnected" frame: the server has handled it
+        if c.connected:
+            self.touch(c, sent, time.monotonic())
+            return
+        # Nobody is left to tell: wait until the call shows an expiry time (a read, not activity).
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            status, body = self.request("GET", f"/apiv2/calls/{c.call_id}")
+            if is_not_found(status, body):  # handled, then expired while we polled
+                self.touch(c, sent, self.received)
+                self.gone(c, self.received, "disconnect")
+                return
+            assert status == 200, body
+            self.check_summary(c, body)
+            if body["expires_at"] is not None:
+                self.touch(c, sent, self.received)
+                self.check_expires_at(c, body)
+                return
+            assert self.received < deadline, f"call {c.call_id} still shows a connected socket"
+            time.sleep(POLL)
 
-    @precondition(lambda self: any(p.ws is not None for p in self.all_peers()))
+    @precondition(lambda self: self.calls)
     @rule(i=st.integers(0, 99), kind=st.sampled_from(["offer", "answer", "candidate", "bye", "message"]))
     def relay(self, i: int, kind: str) -> None:
-        p = self.pick([p for p in self.all_peers() if p.ws is not None], i)
+        open_ = [p for p in self.all_peers() if p.ws is not None]
+        if not open_:
+            return
+        p = self.pick(open_, i)
         payload = {"n": next(self.counter), "kind": kind}
         p.ws.send_json({"type": kind, "payload": payload})
         others = [q for q in p.call.seated if q is not p]
@@ -272,29 +468,51 @@ class SignalingModel(RuleBasedStateMachine):
     @rule(i=st.integers(0, 99))
     def get_call(self, i: int) -> None:
         c = self.pick(self.calls, i)
-        status, body, _ = http("GET", self.url(f"/apiv2/calls/{c.call_id}"))
+        status, body = self.request("GET", f"/apiv2/calls/{c.call_id}")
         if c.ended:
-            assert (status, body["error"]["code"]) == (404, "call_not_found")
+            assert is_not_found(status, body), (status, body)
+        elif is_not_found(status, body):
+            self.gone(c, self.received, "get")
         else:
             assert status == 200, body
             self.check_summary(c, body)
-            assert (body["expires_at"] is None) == bool(c.connected), body
+            self.check_expires_at(c, body)
 
     @rule()
     def list_calls(self) -> None:
-        status, body, _ = http("GET", self.url("/apiv2/calls?limit=500"))
+        status, body = self.request("GET", "/apiv2/calls?limit=500")
         assert status == 200, body
         listed = {s["call_id"]: s for s in body["calls"]}
         for c in self.calls:
             if c.ended:
                 assert c.call_id not in listed
+            elif c.call_id not in listed:
+                self.gone(c, self.received, "list")
             else:
                 self.check_summary(c, listed[c.call_id])
+                self.check_expires_at(c, listed[c.call_id])
 
     @rule()
     def unknown_call(self) -> None:
         status, body = self.post(f"/apiv2/calls/{UNKNOWN_CALL}/join")
-        assert (status, body["error"]["code"]) == (404, "call_not_found")
+        assert is_not_found(status, body), (status, body)
+
+    @precondition(lambda self: self.waits < MAX_WAITS and self.calls)
+    @rule(i=st.integers(0, 99))
+    def wait_for_expiry(self, i: int) -> None:
+        """Let an idle call expire: it answers until its deadline, then 404, at most ``LATE`` late.
+
+        Every other idle call whose deadline has surely passed by then must be gone too.
+        """
+        self.waits += 1
+        if not self.idle():
+            return
+        c = self.pick(self.idle(), i)
+        self.wait_gone(c, max(time.monotonic(), c.hi + TTL) + LATE)
+        now = time.monotonic()
+        for d in self.idle():
+            if now > d.hi + TTL + SLACK:
+                self.wait_gone(d, d.hi + TTL + LATE)
 
     # Invariant: every open socket got exactly the predicted frames -----------------------
 
@@ -306,10 +524,14 @@ class SignalingModel(RuleBasedStateMachine):
             if not p.seated or p.call.ended:
                 self.read_expected(p.ws, p.expected)  # its farewell and close
                 p.ws = None
+                if not p.call.ended:
+                    self.dropped.append(p.call)  # its disconnect still reaches the call
                 continue
             p.ws.send_json({"type": "ping"})
             self.expect_frame(p, {"type": "pong"})
             self.read_expected(p.ws, p.expected)
+        if self.dropped:
+            self.sync_sockets()
 
     def teardown(self) -> None:
         for p in self.all_peers():
@@ -323,7 +545,7 @@ def test_random_call_sequences_follow_the_rules(live_server: LiveServer) -> None
     SignalingModel.server = live_server
     mark = live_server.mark()
     run_state_machine_as_test(SignalingModel, settings=settings(
-        max_examples=30, stateful_step_count=20, deadline=None, database=None,
+        max_examples=25, stateful_step_count=20, deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow],
     ))
     assert not live_server.problems_since(mark), live_server.problems_since(mark)

@@ -11,17 +11,17 @@ import signal
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import time_machine
 
 from signal_srv.call import End, Receive
-from signal_srv.client import ApiError, ConnectionClosed, SignalingClient
+from signal_srv.client import ApiError, SignalingClient
 from signal_srv.registry import Registry
 from signal_srv.logs import JsonFormatter
 from tests.conftest import TIMEOUT
-from tests.test_ws import Pair, assert_relays, make_pair
+from tests.test_ws import assert_relays, make_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from tornado.iostream import IOStream
 
-from signal_srv.client import Connection, ConnectionClosed, SignalingClient
+from signal_srv.client import Connection, SignalingClient
 from signal_srv.registry import Registry
 from tests.conftest import TIMEOUT
 

@@ -150,10 +150,6 @@ class CallActor:
         return self._alive
 
     @property
-    def status(self) -> Status:
-        return self.call.status
-
-    @property
     def inbox_depth(self) -> int:
         return self._queue.qsize()
 

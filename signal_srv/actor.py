@@ -109,7 +109,7 @@ def iso_time(wall: float) -> str:
 class CallActor:
     """Owns one ``Call``; talk to it with ``tell``, ``put`` or ``ask``.
 
-    ``on_status(actor, old, new)`` is called synchronously when the call changes status,
+    ``on_status(actor, effect)`` is called synchronously when the call changes status,
     so that the registry's index is never stale.
     """
 
@@ -119,7 +119,7 @@ class CallActor:
         *,
         order: int,
         mailbox_size: int,
-        on_status: Callable[[CallActor, Status, Status], None],
+        on_status: Callable[[CallActor, StatusChanged], None],
         heartbeat_interval: float = 20.0,
         heartbeat_timeout: float = 60.0,
         metrics: Metrics | None = None,
@@ -355,7 +355,7 @@ class CallActor:
             )
         else:
             self.log.info("call %s is %s", self.call_id, effect.new.value)
-        self._on_status(self, effect.old, effect.new)
+        self._on_status(self, effect)
 
     def _teardown(self, crashed: bool) -> None:
         self._alive = False
@@ -371,7 +371,7 @@ class CallActor:
                 old = self.call.status
                 self.call.status, self.call.end_reason = Status.ENDED, "error"
                 self._notify(Notify("call_ended", None, "error"))
-                self._on_status(self, old, Status.ENDED)
+                self._on_status(self, StatusChanged(old, Status.ENDED, "error"))
         while self._queue.qsize():
             envelope = self._queue.get_nowait()
             if envelope.reply is not None and not envelope.reply.done():

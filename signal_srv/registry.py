@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Awaitable, Iterator
 
 
 from signal_srv.actor import CallActor, CallSummary, Joined
-from signal_srv.call import Call, CallRules, Expire, Notify, Status
+from signal_srv.call import Call, CallRules, Expire, Notify, Status, StatusChanged
 from signal_srv.errors import CallEnded, CallNotFound, Capacity
 from signal_srv.metrics import Metrics
 
@@ -161,13 +161,13 @@ class Registry:
 
     # Keeping the indexes true ----------------------------------------------------------
 
-    def _status_changed(self, actor: CallActor, old: Status, new: Status) -> None:
-        self._unindex(actor, old)
-        if new is Status.ENDED:
+    def _status_changed(self, actor: CallActor, change: StatusChanged) -> None:
+        self._unindex(actor, change.old)
+        if change.new is Status.ENDED:
             self._forget(actor)
-            self._ended[actor.call.end_reason or "error"] += 1
+            self._ended[change.reason or "error"] += 1
         else:
-            insort(self._order[new], actor.order)
+            insort(self._order[change.new], actor.order)
 
     def _notify(self, actor: CallActor, effect: Notify) -> None:
         assert self.webhooks is not None

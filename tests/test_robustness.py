@@ -227,3 +227,22 @@ def test_log_output_redacts_tokens_whatever_logged_them(formatter: str) -> None:
         "Uncaught exception GET /apiv2/ws?call_id=C&peer_id=P&token=s3cr3t (127.0.0.1)", (), None)
     line = (TextFormatter() if formatter == "text" else JsonFormatter()).format(record)
     assert "s3cr3t" not in line and "token=[redacted]" in line
+
+
+@pytest.mark.settings(mailbox_size=2)
+async def test_a_full_inbox_refuses_asks_with_call_busy_and_tells_with_false(
+    client: SignalingClient, registry: Registry, log_guard: Any
+) -> None:
+    from signal_srv.call import Identify, Join
+    from signal_srv.errors import CallBusy
+
+    log_guard.expect("signal_srv.actor", "inbox full")
+    call = await client.create_call()
+    actor = registry.get(call["call_id"])
+    # No await until the ask, so the actor cannot drain its inbox in between. The first
+    # envelope goes straight to the waiting actor, the next two fill the inbox.
+    accepted = [actor.tell(Identify(call["peer_token"])) for _ in range(4)]
+    assert accepted == [True, True, True, False]
+    with pytest.raises(CallBusy):
+        await actor.ask(Join("p", "t"), TIMEOUT)
+    assert (await client.join(call["call_id"]))["status"] == "active"  # drained: it answers again

@@ -614,6 +614,109 @@ async def stress_figure(plan: Plan) -> dict[str, Any]:
     return {**{k: d[k] for k in keep}, **usage}
 
 
+RSS_LIMIT = 2 * 1024 ** 3  # T5: calls held within 2 GiB of server RSS
+SCALE_P99_MS = 50.0  # T5: paced p99 under load at each level
+T5_TARGET = T6_CALLS = 20000
+T6_TARGET_PCT = 5.0
+FD_HEADROOM = 600  # descriptors per process kept for the listener, epoll, HTTP connections, pipes, logs
+
+
+def fd_call_cap() -> int | None:
+    """Calls (2 sockets each) that both sides can hold under the hard ``RLIMIT_NOFILE``, or None if unlimited.
+
+    The client holds both sockets of each call and the server the other ends, so each side
+    needs 2 descriptors per call; a spawned server inherits this process's hard limit, so the
+    smaller of the two is this one's."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return None
+    return max(0, (hard - FD_HEADROOM) // 2) // 100 * 100
+
+
+def scale_steps(plan: Plan) -> tuple[list[int], int | None]:
+    """T5's levels: the plan's nominal steps up to the fd cap, then the cap itself if it is lower than the last."""
+    cap = fd_call_cap()
+    steps = [n for n in plan.scale_steps if cap is None or n <= cap]
+    if cap is not None and plan.scale_steps and cap < max(plan.scale_steps) and cap not in steps:
+        steps.append(cap)
+    return steps, cap
+
+
+async def idle_cpu(load: Load, seconds: float) -> dict[str, Any]:
+    """T6: the server's CPU with every pair idle (only heartbeats) over ``seconds`` (>= one heartbeat interval)."""
+    load.on_relay = lambda ws, data: None
+    await asyncio.sleep(2.0)  # settle after the last paced window: a stretch of time, not a wait for an event
+    window = Window(load.target.server.process.pid)
+    await asyncio.sleep(seconds)  # the measured stretch
+    usage = window.close()
+    calls = len(load.pairs)
+    pct = 100.0 * usage["server_cpu"]
+    per_1000 = 1000.0 * pct / calls if calls else None
+    return {"calls": calls, "server_cpu_pct": round(pct, 2),
+            "pct_per_1000_calls": None if per_1000 is None else round(per_1000, 3),
+            "extrapolated_pct_at_20000": None if per_1000 is None else round(per_1000 * T6_CALLS / 1000, 2),
+            "rss_bytes": rss_bytes(load.target.server.process.pid), **usage}
+
+
+async def scale_figure(kind: str, plan: Plan) -> dict[str, Any]:
+    """T5 then T6 on one fresh server: step up the connected calls (heartbeats on, default 20 s);
+    at each level record RSS and a short paced window over ``plan.scale_active`` calls; stop at the
+    first level with errors, RSS over 2 GiB or p99 over 50 ms. Then, with every call left connected
+    (the largest level reached), the server's idle CPU over one heartbeat interval."""
+    steps, cap = scale_steps(plan)
+    target = start(kind, max(steps), plan.server_dir)
+    pid = target.server.process.pid
+    load = Load(target)
+    levels: list[dict[str, Any]] = []
+    stopped_by = "fd_limit" if cap is not None and cap < T5_TARGET else "none"
+    held = 0
+    try:
+        await create_latency(target, 20)
+        base_rss = rss_bytes(pid)
+        for calls in steps:
+            step: dict[str, Any] = {"calls": calls}
+            levels.append(step)
+            try:
+                paths = await load.create(calls - len(load.pairs))
+                t = time.perf_counter()
+                step["errors"] = await load.connect(paths, 500, timeout=120)
+                step["connect_s"] = round(time.perf_counter() - t, 2)
+                step["rss_bytes"] = rss = rss_bytes(pid)
+                step["rss_per_call_bytes"] = round((rss - base_rss) / max(len(load.pairs), 1))
+                step["paced"] = await paced(load, plan.scale_seconds, 0.2, 0.6, active=plan.scale_active)
+            except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
+                step["failure"] = f"{type(exc).__name__}: {exc}"[:200]
+                stopped_by = "error"
+                break
+            p99 = step["paced"]["hop_ms"].get("p99")
+            if step["errors"]:
+                stopped_by = "error"
+            elif rss > RSS_LIMIT:
+                stopped_by = "rss"
+            elif p99 is None or p99 > SCALE_P99_MS:
+                stopped_by = "p99"
+            else:
+                step["passed"] = True
+                held = calls
+                continue
+            break
+        if target.server.process.poll() is None and load.pairs:
+            heartbeat = await idle_cpu(load, plan.heartbeat_seconds)
+        else:
+            heartbeat = {"failure": "no server or no calls left to measure"}
+    finally:
+        target.server.stop()
+        load.close()
+    last = levels[-1] if levels else {}
+    per_call = last.get("rss_per_call_bytes")
+    return {"held": held, "stopped_by": stopped_by, "fd_cap_calls": cap, "levels": levels,
+            "rss_at_held_bytes": next((lv["rss_bytes"] for lv in levels if lv["calls"] == held), None),
+            "p99_at_held_ms": next((lv["paced"]["hop_ms"].get("p99") for lv in levels if lv["calls"] == held), None),
+            # an extrapolation, labelled as such: calls whose RSS would reach 2 GiB at the last level's cost per call
+            "extrapolated_calls_in_2gib": round((RSS_LIMIT - base_rss) / per_call) if per_call else None,
+            "heartbeat": heartbeat}
+
+
 def probe(calls: int, server_dir: str | None) -> dict[str, Any]:
     import subprocess
 
@@ -640,6 +743,11 @@ class Plan:
     large: int = 0
     levels: tuple[int, ...] = field(default=())
     server_dir: str | None = None
+    # T5/T6 (full plan only): nominal steps, capped at run time by the open-file limit
+    scale_steps: tuple[int, ...] = field(default=())
+    scale_seconds: float = 5.0
+    scale_active: int = 100
+    heartbeat_seconds: float = 20.0
 
 
 def make_plan(quick: bool, server_dir: str | None) -> Plan:
@@ -653,7 +761,9 @@ def make_plan(quick: bool, server_dir: str | None) -> Plan:
     return Plan(rounds=2, paced_levels=(100, 1000, 5000), closed_levels=(500, 1000), paced_seconds=10,
                 closed_seconds=5, post_seconds=5, storm_calls=2000, sweep_calls=100000,
                 stress=StressOptions(calls=1000, candidates=20, end_fraction=0.3, duration=180),
-                small=100, large=5000, levels=(100, 500, 1000, 5000), server_dir=server_dir)
+                small=100, large=5000, levels=(100, 500, 1000, 5000), server_dir=server_dir,
+                scale_steps=(2500, 5000, 7500, 10000, 15000, 20000), scale_seconds=5.0, scale_active=100,
+                heartbeat_seconds=20.0)
 
 
 async def run_plan(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
@@ -670,6 +780,12 @@ async def run_plan(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
         for calls in plan.levels:
             await both(f"level_{calls}", lambda k, c=calls: level(k, c, plan), r)  # type: ignore[misc]
         await both("storm", lambda k: connect_storm(k, plan.storm_calls, plan.server_dir), r)
+    if plan.scale_steps:  # once, not per round: it is the longest figure (about 1.5 min per server)
+        steps, cap = scale_steps(plan)
+        for kind in (FLOOR, SIGNAL):
+            say(f"  scale + heartbeat on {kind}: steps {', '.join(map(str, steps))} calls"
+                + (f" (open-file cap {cap})" if cap is not None else ""))
+            raw[kind]["scale"] = [await scale_figure(kind, plan)]
     say(f"  sweep probe (signal_srv registry in-process, {plan.sweep_calls} idle calls)")
     sweep = probe(plan.sweep_calls, plan.server_dir)
     say(f"  stress tool: {plan.stress.calls} calls, {plan.stress.candidates} candidates, "
@@ -749,6 +865,8 @@ def summarise(plan: Plan, results: dict[str, Any]) -> list[Row]:
         s, f = get(SIGNAL, f"level_{calls}", "rss_per_call_bytes"), get(FLOOR, f"level_{calls}", "rss_per_call_bytes")
         rows.append(Row(f"T4 RSS per connected call, {calls} calls", s, f, "B", "<= 1.5x floor",
                         s is not None and f is not None and s <= 1.5 * f))
+    if "scale" in raw[SIGNAL] and "scale" in raw[FLOOR]:
+        rows += scale_rows(raw[SIGNAL]["scale"][0], raw[FLOOR]["scale"][0])
     reg = results["sweep"]["bytes_per_registered_call"]
     rows.append(Row("T4 RSS per registered call (no sockets)", reg, None, "B", "<= 3 KB", reg <= 3072))
     s, f = get(SIGNAL, "post", "req_per_s"), get(FLOOR, "post", "req_per_s")
@@ -765,6 +883,54 @@ def summarise(plan: Plan, results: dict[str, Any]) -> list[Row]:
     faults = sum(st[k] for k in ("lost", "duplicated", "misrouted", "reordered", "unexpected_errors", "unexpected_closes"))
     rows.append(Row(f"T10 stress {plan.stress.calls} calls x {plan.stress.candidates} cand.", faults, None, "faults",
                     "0", st["ok"], st["client_cpu"], f"{st['delivered']} delivered, {st['messages_per_s']} msg/s"))
+    return rows
+
+
+def scale_rows(s: dict[str, Any], f: dict[str, Any]) -> list[Row]:
+    """T5 and T6 rows, saying plainly when the open-file limit, not RSS or latency, set the figure."""
+    def why(run: dict[str, Any]) -> str:
+        held, cap, by = run["held"], run["fd_cap_calls"], run["stopped_by"]
+        if by == "fd_limit":
+            return f"capped by the open-file limit at {cap} calls (not by RSS or p99)"
+        if by == "none":
+            return "every step passed"
+        failed = run["levels"][-1] if run["levels"] else {}
+        p99 = failed.get("paced", {}).get("hop_ms", {}).get("p99")
+        detail = (f"{by} at {failed.get('calls')} calls (errors {failed.get('errors')}, p99 {_fmt(p99)} ms, "
+                  f"RSS {mib(failed.get('rss_bytes'))}{', ' + failed['failure'] if 'failure' in failed else ''})")
+        return f"stopped by {detail}" if held else f"failed at the first step: {detail}"
+
+    def mib(v: Any) -> str:
+        return "-" if v is None else f"{v / 1024 ** 2:,.0f} MiB"
+
+    def client_max(*runs: dict[str, Any]) -> float | None:
+        values = [lv["paced"].get("client_cpu") for run in runs for lv in run["levels"] if "paced" in lv]
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
+
+    capped = s["stopped_by"] == "fd_limit"
+    met = None if capped else (s["held"] >= T5_TARGET)
+    note = (f"signal_srv: {why(s)}, RSS {mib(s['rss_at_held_bytes'])}, p99 {_fmt(s['p99_at_held_ms'])} ms, "
+            f"~{_fmt(s['extrapolated_calls_in_2gib'])} in 2 GiB (RSS extrapolation); "
+            f"floor: {why(f)}, RSS {mib(f['rss_at_held_bytes'])}, ~{_fmt(f['extrapolated_calls_in_2gib'])} in 2 GiB")
+    if capped:
+        note += f"; the {T5_TARGET:,} target is not measurable here"
+    rows = [Row("T5 scale: calls held, <= 2 GiB, p99 <= 50 ms", s["held"], f["held"], "calls",
+                f"{T5_TARGET:,}, 0 err, p99<=50ms", met, client_max(s, f), note)]
+    sh, fh = s["heartbeat"], f["heartbeat"]
+    if "calls" in sh:
+        usage = f"server {sh['server_cpu_pct']:.2f} % over {sh['seconds']:.0f} s, {sh['pct_per_1000_calls']:.3f} %/1000 calls"
+        floor_note = (f"; floor (Tornado pings, 20 s) {fh['server_cpu_pct']:.2f} % at {fh['calls']}" if "calls" in fh else "")
+        rows.append(Row(f"T6 idle CPU, {sh['calls']} calls, heartbeats 20 s", sh["server_cpu_pct"],
+                        fh.get("server_cpu_pct"), "% core", "(measured)", None,
+                        max(sh["client_cpu"], fh.get("client_cpu", 0.0)), usage + floor_note))
+        ext, fext = sh["extrapolated_pct_at_20000"], fh.get("extrapolated_pct_at_20000")
+        rows.append(Row(f"T6 heartbeat CPU at {T6_CALLS:,} calls (EXTRAPOLATED)", ext, fext, "% core",
+                        f"<= {T6_TARGET_PCT:g} % of a core", ext is not None and ext <= T6_TARGET_PCT, None,
+                        f"linear extrapolation from {sh['calls']} calls (open-file limit), idle baseline included"))
+    else:
+        rows.append(Row("T6 heartbeat CPU", None, None, "% core", f"<= {T6_TARGET_PCT:g} %", None, None,
+                        str(sh.get("failure", ""))))
     return rows
 
 

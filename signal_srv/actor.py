@@ -53,6 +53,8 @@ class Socket(Protocol):
 
     def send(self, text: str) -> None: ...
 
+    def reply_error(self, code: str, message: str) -> None: ...
+
     def heartbeat(self, now: float) -> None: ...
 
     def abort(self) -> None: ...
@@ -322,8 +324,7 @@ class CallActor:
             if not envelope.reply.done():
                 envelope.reply.set_exception(exc)
         elif envelope.socket is not None:
-            self._metrics.errors[exc.code] += 1
-            envelope.socket.send(messages.to_json(messages.error(exc.code, exc.message)))
+            envelope.socket.reply_error(exc.code, exc.message)
 
     def _carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:

@@ -105,10 +105,7 @@ class Registry:
 
     def create(self) -> Created:
         """Create a call with its host as first participant. Raises ``Capacity`` at ``max_calls``."""
-        if self.closing:
-            raise Capacity("the server is shutting down")
-        if len(self._actors) >= self.max_calls:
-            raise Capacity(f"{self.max_calls} calls are live; try again later")
+        self.check_capacity()
         call_id, peer_id, peer_token = new_ids(3)
         while call_id in self._actors:
             call_id = new_id()
@@ -133,6 +130,13 @@ class Registry:
             self.webhooks.start()
             self.webhooks.emit("call_created", call_id, peer_id=peer_id)
         return Created(actor, peer_id, peer_token, joined)
+
+    def check_capacity(self) -> None:
+        """Raise ``Capacity`` when no call may be created now: shutting down, or ``max_calls`` live."""
+        if self.closing:
+            raise Capacity("the server is shutting down")
+        if len(self._actors) >= self.max_calls:
+            raise Capacity(f"{self.max_calls} calls are live; try again later")
 
     def get(self, call_id: str) -> CallActor:
         """The live call's actor. Raises ``CallNotFound`` for unknown, ended or expired calls."""

@@ -19,6 +19,7 @@ from signal_srv.call import End, Identify, Join, Leave, Status
 from signal_srv.config import Config
 from signal_srv.errors import (
     BadRequest,
+    Capacity,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -288,8 +289,10 @@ class ReadyHandler(ApiHandler):
     """``GET /readyz``: 200 while new calls are accepted, 503 at capacity or shutting down."""
 
     def get(self) -> None:
-        if self.registry.closing or len(self.registry) >= self.registry.max_calls:
-            self.set_header("Retry-After", "1")
+        try:
+            self.registry.check_capacity()
+        except Capacity:
+            self.set_header("Retry-After", RETRY_AFTER[503])
             self.reply(503, {"status": "shutting_down" if self.registry.closing else "at_capacity"})
         else:
             self.reply(200, {"status": "ready"})

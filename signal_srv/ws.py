@@ -163,7 +163,7 @@ class SignalingSocket(WebSocketHandler):
         try:
             parsed = messages.parse(message, self.config.max_message_size)
         except SignalError as exc:
-            self._send_error(exc.code, exc.message)
+            self.reply_error(exc.code, exc.message)
             return None
         actor = self._actor
         if actor is None:
@@ -196,10 +196,11 @@ class SignalingSocket(WebSocketHandler):
         if self._strikes >= RATE_STRIKES:
             self.close(POLICY_VIOLATION, "rate limit exceeded")
         else:
-            self._send_error("rate_limited", f"more than {self.config.ws_rate:g} frames per second; retry in {wait:.2f} s")
+            self.reply_error("rate_limited", f"more than {self.config.ws_rate:g} frames per second; retry in {wait:.2f} s")
         return True
 
-    def _send_error(self, code: str, message: str) -> None:
+    def reply_error(self, code: str, message: str) -> None:
+        """Answer a bad frame with an ``error`` frame; the socket stays open."""
         self.metrics.errors[code] += 1
         self.send(messages.to_json(messages.error(code, message)))
 

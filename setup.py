@@ -13,12 +13,13 @@ setup(
     install_requires=["tornado>=6.4", "prometheus_client>=0.17"],
     extras_require={
         "test": [
-            "pytest>=8",
+            "pytest>=8,<9",  # schemathesis' pytest plugin breaks under pytest 9
             "pytest-tornasync>=0.6",
             "time-machine>=2.10",
             "hypothesis>=6.100",
             "schemathesis>=4.0",
             "jsonschema>=4.18",
+            "openapi-spec-validator>=0.7",
             "websocket-client>=1.7",
             "playwright>=1.45",
             "aiortc>=1.9",

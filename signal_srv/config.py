@@ -3,6 +3,12 @@
 Everything is read and checked once, at start-up, into a frozen ``Config``; a bad value
 raises ``ConfigError`` naming the option, the value and the rule. This is the only module
 that uses ``tornado.options`` (through a private ``OptionParser``, never the global one).
+
+The environment is shared with whatever runs the process: Kubernetes injects service-link
+variables (``SIGNAL_SRV_SERVICE_HOST``, ``SIGNAL_SRV_PORT=tcp://10.0.0.12:8080``, ...) for a
+Service named ``signal-srv``. So a ``SIGNAL_SRV_*`` variable that names no option, or a
+``*_PORT`` option whose value is such a link, is ignored and reported by ``ignored_environment``
+for the log, instead of stopping the server.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -21,10 +28,13 @@ from tornado.options import OptionParser
 
 from signal_srv.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Config", "load_config", "option_parser"]
+__all__ = ["ENV_PREFIX", "Config", "ignored_environment", "load_config", "option_parser"]
 
 ENV_PREFIX = "SIGNAL_SRV_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Kubernetes (and Docker's legacy links) set <SERVICE>_PORT=tcp://<host>:<port>.
+_SERVICE_LINK = re.compile(r"(?:tcp|udp|sctp)://[^\s/]+:\d+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +85,8 @@ class Config:
     webhook_retries: int = 3
     webhook_queue_size: int = 1000
 
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Config))
 
 _HELP = {
     "conf": "path of a conf file (Python syntax, see conf/dev.conf); none: embedded defaults",
@@ -141,14 +153,15 @@ def option_parser() -> OptionParser:
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """Build the ``Config`` from a command line (``argv[0]`` is the program) and an environment.
 
-    Prints the help and exits 0 on ``--help``. Raises ``ConfigError`` for anything invalid.
+    Prints the help and exits 0 on ``--help``. Raises ``ConfigError`` for anything invalid,
+    except the environment variables ``ignored_environment`` reports.
     """
     parser = option_parser()
     args = list(argv[1:])
     if "--help" in args or "-h" in args:
         parser.print_help(sys.stdout)
         raise SystemExit(0)
-    env = _env_args(parser, environ)
+    env = _env_args(environ)
     conf = _last_value("conf", env + args)
     if conf:
         _apply_file(parser, conf)
@@ -159,16 +172,27 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     return _checked(Config(**values))
 
 
-def _env_args(parser: OptionParser, environ: Mapping[str, str]) -> list[str]:
-    args = []
-    for key, value in sorted(environ.items()):
-        if not key.startswith(ENV_PREFIX):
-            continue
-        name = key[len(ENV_PREFIX):].lower()
-        if name not in parser or name == "help":
-            raise ConfigError(f"{key}: unknown option {name!r}")
-        args.append(f"--{name}={value}")
-    return args
+def ignored_environment(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``SIGNAL_SRV_*`` variable that ``load_config`` ignores, and why (for the log)."""
+    return [problem for key, value in sorted(environ.items()) if (problem := _env_problem(key, value)) is not None]
+
+
+def _env_problem(key: str, value: str) -> str | None:
+    """Why the variable ``key`` is not an option setting, or None when it is one (or not ours)."""
+    if not key.startswith(ENV_PREFIX):
+        return None
+    name = key[len(ENV_PREFIX):].lower()
+    if name not in _OPTION_NAMES:
+        return f"ignoring {key}: signal_srv has no option {name!r} (see --help)"
+    if name.endswith("port") and _SERVICE_LINK.fullmatch(value):
+        return (f"ignoring {key}={value!r}: a Kubernetes service link, not a port number; "
+                f"set --{name}=<number> or {key}=<number> in the container's env (see README, Kubernetes)")
+    return None
+
+
+def _env_args(environ: Mapping[str, str]) -> list[str]:
+    return [f"--{key[len(ENV_PREFIX):].lower()}={value}" for key, value in sorted(environ.items())
+            if key.startswith(ENV_PREFIX) and _env_problem(key, value) is None]
 
 
 def _last_value(name: str, args: list[str]) -> str:

@@ -14,7 +14,7 @@ from tornado.httpserver import HTTPServer
 from tornado.web import Application
 
 from signal_srv.app import make_app, make_metrics_app
-from signal_srv.config import Config, load_config
+from signal_srv.config import Config, ignored_environment, load_config
 from signal_srv.errors import ConfigError
 from signal_srv.logs import setup_logging
 from signal_srv.registry import Registry
@@ -83,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.write(f"signal-srv: configuration error: {exc}\n")
         raise SystemExit(2) from None
     setup_logging(config.log_level, config.log_format)
+    for problem in ignored_environment(os.environ):
+        logger.warning("configuration: %s", problem)
     gc.freeze()  # start-up objects (modules, config) need never be scanned again
     gc.set_threshold(*GC_THRESHOLDS)
     asyncio.run(serve(config))

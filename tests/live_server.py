@@ -10,6 +10,7 @@ that nothing went wrong inside the server, not only that the answers looked righ
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -18,7 +19,7 @@ import threading
 import urllib.error
 import urllib.request
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import pytest
 import websocket
@@ -50,9 +51,12 @@ def known_options() -> frozenset[str]:
 
 
 class LiveServer:
-    """One server process; ``base_url``/``ws_url`` once started, ``stop()`` to end it."""
+    """One server process; ``base_url``/``ws_url`` once started, ``stop()`` to end it.
 
-    def __init__(self, **options: Any) -> None:
+    ``env`` adds variables to the process's environment (which is the test's otherwise).
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None, **options: Any) -> None:
         known = known_options()
         merged = {**GENEROUS, **{k: str(v) for k, v in options.items()}}
         unknown = sorted(k for k in options if k not in known)
@@ -60,6 +64,7 @@ class LiveServer:
             raise ValueError(f"signal_srv does not know the options {unknown}")
         args = [f"--{k}={v}" for k, v in merged.items() if k in known]
         self.args = [sys.executable, "-m", "signal_srv", "--address=127.0.0.1", "--port=0", "--log_level=info", *args]
+        self.env = {**os.environ, **(env or {})}
         self.lines: list[str] = []
         self.port = 0
         self._listening = threading.Event()
@@ -76,7 +81,7 @@ class LiveServer:
 
     def start(self) -> LiveServer:
         self.process = subprocess.Popen(
-            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.env,
             text=True, encoding="utf-8", errors="replace",
         )
         self._drain = threading.Thread(target=self._read_log, name="live-server-log", daemon=True)

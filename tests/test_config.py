@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from signal_srv.config import Config, load_config
+from signal_srv.config import Config, ignored_environment, load_config
 from signal_srv.errors import ConfigError
+from tests.live_server import LiveServer, http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +70,6 @@ def test_prod_conf_loads_with_its_secrets_from_the_environment() -> None:
     (["--max_message_size=65536", "--ws_write_buffer_limit=1000"], {}, None, "ws_write_buffer_limit=1000"),
     (["--bogus=1"], {}, None, "unknown option --bogus"),
     (["stray"], {}, None, "unexpected argument 'stray'"),
-    ([], {"SIGNAL_SRV_BOGUS": "1"}, None, "SIGNAL_SRV_BOGUS: unknown option 'bogus'"),
     ([], {"SIGNAL_SRV_PORT": "x"}, None, "--port on the environment"),
     (["--conf=/does/not/exist.conf"], {}, None, "cannot read '/does/not/exist.conf'"),
     ([], {}, "bogus_option = 1\n", "sets unknown option 'bogus_option'"),
@@ -111,3 +111,73 @@ def test_help_lists_the_options_and_exits_0() -> None:
     assert result.returncode == 0
     for name in ("--call-ttl", "--cleanup-interval", "--max-calls", "--list-calls", "--heartbeat-timeout"):
         assert name in result.stdout
+
+
+# What Kubernetes puts in every pod of the namespace for a Service named signal-srv (port
+# 8080, named "http") and one named signal-srv-metrics (port 9100, unnamed).
+SERVICE_LINKS = {
+    "SIGNAL_SRV_SERVICE_HOST": "10.0.0.12",
+    "SIGNAL_SRV_SERVICE_PORT": "8080",
+    "SIGNAL_SRV_SERVICE_PORT_HTTP": "8080",
+    "SIGNAL_SRV_PORT": "tcp://10.0.0.12:8080",
+    "SIGNAL_SRV_PORT_8080_TCP": "tcp://10.0.0.12:8080",
+    "SIGNAL_SRV_PORT_8080_TCP_PROTO": "tcp",
+    "SIGNAL_SRV_PORT_8080_TCP_PORT": "8080",
+    "SIGNAL_SRV_PORT_8080_TCP_ADDR": "10.0.0.12",
+    "SIGNAL_SRV_METRICS_SERVICE_HOST": "10.0.0.13",
+    "SIGNAL_SRV_METRICS_SERVICE_PORT": "9100",
+    "SIGNAL_SRV_METRICS_PORT": "tcp://10.0.0.13:9100",
+    "SIGNAL_SRV_METRICS_PORT_9100_TCP": "tcp://10.0.0.13:9100",
+    "SIGNAL_SRV_METRICS_PORT_9100_TCP_PROTO": "tcp",
+    "SIGNAL_SRV_METRICS_PORT_9100_TCP_PORT": "9100",
+    "SIGNAL_SRV_METRICS_PORT_9100_TCP_ADDR": "10.0.0.13",
+}
+
+
+def test_service_links_change_no_option_and_each_is_reported() -> None:
+    assert load_config(["signal-srv"], SERVICE_LINKS) == Config()
+    ignored = ignored_environment({**SERVICE_LINKS, "SIGNAL_SRV_CALL_TTL": "60", "HOME": "/root"})
+    assert [line.split()[1].split("=")[0].rstrip(":") for line in ignored] == sorted(SERVICE_LINKS)
+    assert "ignoring SIGNAL_SRV_SERVICE_HOST: signal_srv has no option 'service_host' (see --help)" in ignored
+    assert ("ignoring SIGNAL_SRV_PORT='tcp://10.0.0.12:8080': a Kubernetes service link, not a port number; "
+            "set --port=<number> or SIGNAL_SRV_PORT=<number> in the container's env (see README, Kubernetes)") in ignored
+
+
+def test_a_plain_port_in_the_environment_still_sets_the_port() -> None:
+    """The container's own env overrides a service link of the same name; flags win over both."""
+    env = {**SERVICE_LINKS, "SIGNAL_SRV_PORT": "9000", "SIGNAL_SRV_METRICS_PORT": "9101"}
+    assert (load_config(["signal-srv"], env).port, load_config(["signal-srv"], env).metrics_port) == (9000, 9101)
+    assert load_config(["signal-srv", "--port=7000"], env).port == 7000
+    assert not [line for line in ignored_environment(env) if "SIGNAL_SRV_PORT=" in line or "METRICS_PORT=" in line]
+    with pytest.raises(ConfigError, match="--port on the environment"):
+        load_config(["signal-srv"], {**SERVICE_LINKS, "SIGNAL_SRV_PORT": "http://10.0.0.12:8080"})
+
+
+def test_the_server_starts_in_a_pod_with_service_links_and_logs_each_as_a_warning() -> None:
+    server = LiveServer(env=SERVICE_LINKS).start()
+    try:
+        status, body, _ = http("POST", server.base_url + "/apiv2/calls")
+        assert status == 201 and body["status"] == "waiting"
+        warnings = [line for line in server.lines if " WARNING signal_srv.server: configuration: ignoring " in line]
+        for name in SERVICE_LINKS:
+            assert any(f"ignoring {name}:" in line or f"ignoring {name}=" in line for line in warnings), name
+        assert server.problems() == []
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("args", "conf", "expected"), [
+    (["--port=70000"], None, "port=70000: must be between 0 and 65535"),
+    ([], "port = 'tcp://10.0.0.12:8080'\n", "--port on the conf file"),
+    ([], "call_ttl = 0\n", "call_ttl=0.0: must be a number of seconds > 0"),
+])
+def test_a_bad_flag_or_conf_value_still_exits_2_among_service_links(
+    tmp_path: Path, args: list[str], conf: str | None, expected: str
+) -> None:
+    if conf is not None:
+        (tmp_path / "bad.conf").write_text(conf)
+        args = [f"--conf={tmp_path / 'bad.conf'}", *args]
+    result = run_server(*args, env=SERVICE_LINKS)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("signal-srv: configuration error: ") and result.stderr.count("\n") == 1
+    assert expected in result.stderr

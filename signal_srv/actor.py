@@ -82,6 +82,7 @@ class CallSummary:
     max: int
     created_at: str
     expires_at: float | None
+    expires_reason: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +91,7 @@ class CallSummary:
             "participants": {"count": self.count, "max": self.max},
             "created_at": self.created_at,
             "expires_at": iso_time(self.expires_at) if self.expires_at is not None else None,
+            "expires_reason": self.expires_reason,
         }
 
 
@@ -158,11 +160,11 @@ class CallActor:
     def summary(self) -> CallSummary:
         """A consistent snapshot: it runs between two events, never in the middle of one."""
         call = self.call
-        deadline = call.expires_at()
-        expires = None if deadline is None else time.time() + (deadline - time.monotonic())
+        expiry = call.expiry()
+        expires = None if expiry is None else time.time() + (expiry.at - time.monotonic())
         return CallSummary(
             call.call_id, call.status.value, len(call.participants), call.max_participants,
-            self.created_at, expires,
+            self.created_at, expires, None if expiry is None else expiry.reason,
         )
 
     def start(self, peer_id: str, peer_token: str) -> Joined:

@@ -19,6 +19,7 @@ Rules:
   - ``departure_timeout``: once the call is claimed, a participant without a connected
     socket for this long leaves (``state`` with ``event: left, reason: timeout``);
   - ``max_duration`` (0: none): a hard cap (``max_duration``).
+  ``Call.expiry`` says which of them would end the call first, and when, if nothing happened.
 
 ``Call.handle(event, now)`` validates first and raises a ``SignalError`` without changing
 anything, or changes the call and returns the effects for the actor to carry out.
@@ -47,6 +48,7 @@ __all__ = [
     "End",
     "Event",
     "Expire",
+    "Expiry",
     "Identify",
     "Join",
     "Leave",
@@ -193,6 +195,14 @@ def is_expired(last_activity: float, ttl: float, now: float) -> bool:
     return now - last_activity >= ttl
 
 
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """The moment (monotonic seconds) a call would end if nothing happened, and the end reason."""
+
+    at: float
+    reason: str
+
+
 @dataclass(slots=True)
 class Participant:
     peer_id: str
@@ -248,26 +258,37 @@ class Call:
     def participant(self, peer_id: str) -> Participant:
         return self.participants[peer_id]
 
-    def deadline(self) -> float | None:
-        """The next moment a timer is due (monotonic seconds), or None."""
+    def expiry(self) -> Expiry | None:
+        """When and why the call would end if nothing happened from now on, or None if it would not.
+
+        The earliest timer that ends the whole call: ``max_duration`` (even a live call),
+        ``unclaimed``, and, while no socket is connected, ``expired`` (the inactivity TTL)
+        and ``timeout`` (once the last absent participant's departure is due). On a tie,
+        the reason is the one ``Expire`` reports.
+        """
         if self.status is Status.ENDED:
             return None
         rules = self.rules
-        due = [] if self._by_conn else [self.last_activity + rules.ttl]
+        due: list[Expiry] = []
         if rules.max_duration:
-            due.append(self.created + rules.max_duration)
+            due.append(Expiry(self.created + rules.max_duration, "max_duration"))
         if not self.claimed:
-            due.append(self.created + rules.unclaimed_ttl)
-        else:
-            due.extend(p.away_since + rules.departure_timeout
+            due.append(Expiry(self.created + rules.unclaimed_ttl, "unclaimed"))
+        if not self._by_conn:
+            due.append(Expiry(self.last_activity + rules.ttl, "expired"))
+            if self.claimed:
+                last_away = max(p.away_since for p in self.participants.values() if p.away_since is not None)
+                due.append(Expiry(last_away + rules.departure_timeout, "timeout"))
+        return min(due, key=lambda expiry: expiry.at) if due else None
+
+    def deadline(self) -> float | None:
+        """The next moment a timer is due (monotonic seconds): the call's expiry or a departure, or None."""
+        expiry = self.expiry()
+        due = [expiry.at] if expiry is not None else []
+        if self.claimed:
+            due.extend(p.away_since + self.rules.departure_timeout
                        for p in self.participants.values() if p.away_since is not None)
         return min(due) if due else None
-
-    def expires_at(self) -> float | None:
-        """When inactivity would end the call (monotonic), or None while a socket is connected."""
-        if self.status is Status.ENDED or self._by_conn:
-            return None
-        return self.last_activity + self.rules.ttl
 
     # Transitions -----------------------------------------------------------------------
 

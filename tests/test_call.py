@@ -15,7 +15,9 @@ from signal_srv.call import (
     Connect,
     Disconnect,
     End,
+    Event,
     Expire,
+    Expiry,
     Identify,
     Join,
     Notify,
@@ -324,6 +326,41 @@ def test_max_duration_ends_even_a_live_call() -> None:
     effects = call.handle(Expire(), 500.0)
     assert sends(effects, 10)[-1]["reason"] == "max_duration"
     assert effects[-1] == StatusChanged(Status.ACTIVE, Status.ENDED, "max_duration")
+
+
+def _call_with(rules: CallRules, *events: tuple[Event, float]) -> Call:
+    call = Call("c1", 0.0, rules)
+    call.handle(Join("p0", "t0"), 0.0)
+    for event, now in events:
+        call.handle(event, now)
+    return call
+
+
+EXPIRY = CallRules(ttl=100.0, unclaimed_ttl=30.0, departure_timeout=10.0, max_duration=500.0)
+
+
+@pytest.mark.parametrize(("call", "expected"), [
+    pytest.param(_call_with(EXPIRY), Expiry(30.0, "unclaimed"), id="nobody joined"),
+    pytest.param(_call_with(EXPIRY, (Join("p1", "t1"), 2.0)), Expiry(12.0, "timeout"), id="joined, no sockets"),
+    pytest.param(_call_with(EXPIRY, (Connect("p0", "t0", 10), 1.0), (Join("p1", "t1"), 2.0), (Disconnect(10), 4.0)),
+                 Expiry(14.0, "timeout"), id="the last departure ends it, not the first"),
+    pytest.param(_call_with(EXPIRY, (Connect("p0", "t0", 10), 1.0), (Join("p1", "t1"), 2.0)),
+                 Expiry(500.0, "max_duration"), id="live, a ghost departs"),
+    pytest.param(_call_with(CallRules(ttl=100.0, unclaimed_ttl=30.0, departure_timeout=10.0),
+                            (Connect("p0", "t0", 10), 1.0), (Join("p1", "t1"), 2.0)), None, id="live, no cap"),
+    pytest.param(_call_with(CallRules(ttl=5.0, unclaimed_ttl=30.0)), Expiry(5.0, "expired"), id="idle ttl first"),
+    pytest.param(_call_with(CallRules(ttl=5.0, departure_timeout=10.0), (Join("p1", "t1"), 2.0)),
+                 Expiry(7.0, "expired"), id="ttl from the last activity"),
+    pytest.param(_call_with(CallRules(ttl=30.0, unclaimed_ttl=30.0)), Expiry(30.0, "unclaimed"), id="a tie"),
+    pytest.param(_call_with(EXPIRY, (End("t0"), 1.0)), None, id="ended"),
+])
+def test_expiry_is_when_and_why_the_call_ends_if_nothing_happens(call: Call, expected: Expiry | None) -> None:
+    assert call.expiry() == expected
+    ended: Expiry | None = None  # what really happens when every later deadline passes with nothing else
+    while ended is None and (due := call.deadline()) is not None:
+        if any(isinstance(e, StatusChanged) and e.new is Status.ENDED for e in call.handle(Expire(), due)):
+            ended = Expiry(due, call.end_reason or "")
+    assert ended == expected
 
 
 def test_lifecycle_notifications() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from datetime import datetime
+from typing import Any, Awaitable
 
 import pytest
 
@@ -58,6 +59,98 @@ async def test_max_call_duration_ends_a_live_call(client: SignalingClient) -> No
     for conn in (pair.a, pair.b):
         assert (await conn.wait_for("call_ended"))["reason"] == "max_duration"
         assert await conn.wait_closed() == (1000, "max_duration")
+
+
+# expires_at is read off the wall clock and converted from the monotonic deadline, and it is
+# rounded down to the millisecond: this much either way is conversion, not a wrong timer.
+SKEW = 0.02
+
+
+async def timed(request: Awaitable[dict[str, Any]]) -> tuple[float, dict[str, Any], float]:
+    """The answer of ``request`` and the wall-clock window it was handled in."""
+    before = time.time()
+    answer = await request
+    return before, answer, time.time()
+
+
+def assert_expires(summary: dict[str, Any], reason: str, seconds: float, window: tuple[float, float]) -> None:
+    """``expires_at`` is ``seconds`` after a moment inside ``window``, by the timer ``reason``."""
+    assert summary["expires_reason"] == reason, summary
+    at = datetime.fromisoformat(summary["expires_at"]).timestamp()
+    assert window[0] + seconds - SKEW <= at <= window[1] + seconds + SKEW, (at - window[0], summary)
+
+
+async def assert_ends_as_advertised(registry: Registry, summary: dict[str, Any]) -> None:
+    """The call ends for the advertised reason, and not before the advertised time."""
+    await registry.wait_ended(summary["call_id"], TIMEOUT)
+    assert time.time() >= datetime.fromisoformat(summary["expires_at"]).timestamp() - SKEW
+    assert registry.statistics().ended == {summary["expires_reason"]: 1}
+
+
+async def test_a_fresh_call_advertises_the_default_unclaimed_ttl_not_the_call_ttl(client: SignalingClient) -> None:
+    before, host, after = await timed(client.create_call())
+    assert_expires(host, "unclaimed", 300, (before, after))
+
+
+@pytest.mark.settings(call_ttl=10, unclaimed_ttl=0.3, departure_timeout=0.3)
+async def test_expires_at_of_a_call_nobody_joined_is_the_unclaimed_ttl(
+    client: SignalingClient, registry: Registry
+) -> None:
+    before, host, after = await timed(client.create_call())
+    assert_expires(host, "unclaimed", 0.3, (before, after))
+    assert_expires(await client.get_call(host["call_id"]), "unclaimed", 0.3, (before, after))
+    await assert_ends_as_advertised(registry, host)
+
+
+@pytest.mark.settings(call_ttl=10, unclaimed_ttl=0.3, departure_timeout=0.3)
+async def test_expires_at_of_a_joined_call_without_sockets_is_the_departure_timeout(
+    client: SignalingClient, registry: Registry
+) -> None:
+    host = await client.create_call()
+    before, guest, after = await timed(client.join(host["call_id"]))
+    assert_expires(guest, "timeout", 0.3, (before, after))
+    await assert_ends_as_advertised(registry, guest)
+
+
+@pytest.mark.settings(call_ttl=0.3, unclaimed_ttl=10, departure_timeout=10)
+async def test_expires_at_of_an_idle_call_is_the_call_ttl_from_its_last_activity(
+    client: SignalingClient, registry: Registry
+) -> None:
+    before, host, after = await timed(client.create_call())
+    assert_expires(host, "expired", 0.3, (before, after))
+    before, guest, after = await timed(client.join(host["call_id"]))
+    assert_expires(guest, "expired", 0.3, (before, after))
+    await assert_ends_as_advertised(registry, guest)
+
+
+@pytest.mark.settings(max_call_duration=0.4)
+async def test_expires_at_of_a_live_call_is_its_max_duration(client: SignalingClient, registry: Registry) -> None:
+    before, host, after = await timed(client.create_call())
+    pair = await make_pair_for(client, host)
+    assert_expires(await client.get_call(host["call_id"]), "max_duration", 0.4, (before, after))
+    await assert_ends_as_advertised(registry, pair)
+
+
+async def make_pair_for(client: SignalingClient, host: dict[str, Any]) -> dict[str, Any]:
+    guest = await client.join(host["call_id"])
+    for who in (host, guest):
+        conn = await client.connect_as(who)
+        await conn.wait_for("state", subject=who["peer_id"])
+    return await client.get_call(host["call_id"])
+
+
+@pytest.mark.settings(departure_timeout=0.2)
+async def test_a_live_call_without_max_duration_has_no_expiry_even_while_a_guest_departs(
+    client: SignalingClient,
+) -> None:
+    host = await client.create_call()
+    a = await client.connect_as(host)
+    await a.wait_for("state", subject=host["peer_id"])
+    ghost = await client.join(host["call_id"])
+    assert (ghost["expires_at"], ghost["expires_reason"]) == (None, None)  # its departure frees a slot only
+    await a.wait_for("state", event="left")
+    summary = await client.get_call(host["call_id"])
+    assert (summary["status"], summary["expires_at"], summary["expires_reason"]) == ("waiting", None, None)
 
 
 @pytest.mark.settings(resume_buffer=1000, ws_buffer_limit=1000)

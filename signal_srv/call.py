@@ -28,6 +28,7 @@ anything, or changes the call and returns the effects for the actor to carry out
 from __future__ import annotations
 
 import hmac
+import math
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -266,29 +267,36 @@ class Call:
         and ``timeout`` (once the last absent participant's departure is due). On a tie,
         the reason is the one ``Expire`` reports.
         """
-        if self.status is Status.ENDED:
-            return None
-        rules = self.rules
-        due: list[Expiry] = []
-        if rules.max_duration:
-            due.append(Expiry(self.created + rules.max_duration, "max_duration"))
-        if not self.claimed:
-            due.append(Expiry(self.created + rules.unclaimed_ttl, "unclaimed"))
-        if not self._by_conn:
-            due.append(Expiry(self.last_activity + rules.ttl, "expired"))
-            if self.claimed:
-                last_away = max(p.away_since for p in self.participants.values() if p.away_since is not None)
-                due.append(Expiry(last_away + rules.departure_timeout, "timeout"))
-        return min(due, key=lambda expiry: expiry.at) if due else None
+        at, reason = self._earliest_end()
+        return Expiry(at, reason) if reason else None
 
     def deadline(self) -> float | None:
         """The next moment a timer is due (monotonic seconds): the call's expiry or a departure, or None."""
-        expiry = self.expiry()
-        due = [expiry.at] if expiry is not None else []
+        at, _ = self._earliest_end()
         if self.claimed:
-            due.extend(p.away_since + self.rules.departure_timeout
-                       for p in self.participants.values() if p.away_since is not None)
-        return min(due) if due else None
+            for p in self.participants.values():
+                if p.away_since is not None:
+                    at = min(at, p.away_since + self.rules.departure_timeout)
+        return None if at == math.inf else at
+
+    def _earliest_end(self) -> tuple[float, str]:
+        """``expiry`` without the allocation (it runs before every envelope): ``(inf, "")`` for none."""
+        if self.status is Status.ENDED:
+            return math.inf, ""
+        rules = self.rules
+        at, reason = math.inf, ""  # a later timer wins only if strictly earlier: ties keep Expire's order
+        if rules.max_duration:
+            at, reason = self.created + rules.max_duration, "max_duration"
+        if not self.claimed and self.created + rules.unclaimed_ttl < at:
+            at, reason = self.created + rules.unclaimed_ttl, "unclaimed"
+        if not self._by_conn:
+            if self.last_activity + rules.ttl < at:
+                at, reason = self.last_activity + rules.ttl, "expired"
+            if self.claimed:
+                last_away = max(p.away_since for p in self.participants.values() if p.away_since is not None)
+                if last_away + rules.departure_timeout < at:
+                    at, reason = last_away + rules.departure_timeout, "timeout"
+        return at, reason
 
     # Transitions -----------------------------------------------------------------------
 

@@ -126,12 +126,13 @@ async def test_expires_at_of_an_idle_call_is_the_call_ttl_from_its_last_activity
 @pytest.mark.settings(max_call_duration=0.4)
 async def test_expires_at_of_a_live_call_is_its_max_duration(client: SignalingClient, registry: Registry) -> None:
     before, host, after = await timed(client.create_call())
-    pair = await make_pair_for(client, host)
-    assert_expires(await client.get_call(host["call_id"]), "max_duration", 0.4, (before, after))
-    await assert_ends_as_advertised(registry, pair)
+    summary = await connect_both(client, host)
+    assert_expires(summary, "max_duration", 0.4, (before, after))
+    await assert_ends_as_advertised(registry, summary)
 
 
-async def make_pair_for(client: SignalingClient, host: dict[str, Any]) -> dict[str, Any]:
+async def connect_both(client: SignalingClient, host: dict[str, Any]) -> dict[str, Any]:
+    """Join a guest, connect both participants, and return the call's summary then."""
     guest = await client.join(host["call_id"])
     for who in (host, guest):
         conn = await client.connect_as(who)

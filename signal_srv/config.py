@@ -55,6 +55,7 @@ class Config:
     heartbeat_timeout: float = 60.0
     ws_buffer_limit: int = 64
     ws_write_buffer_limit: int = 1048576
+    ws_close_grace: float = 5.0
     max_message_size: int = 65536
     max_body_size: int = 4096
     mailbox_size: int = 256
@@ -103,6 +104,7 @@ _HELP = {
     "heartbeat_timeout": "seconds a socket may leave a ping unanswered before it is dropped as dead",
     "ws_buffer_limit": "relayed messages held for a joined participant that is not connected",
     "ws_write_buffer_limit": "bytes queued to a slow socket before it is closed with 1013",
+    "ws_close_grace": "seconds a socket closed as a slow reader (1013) has to read its close frame before it is cut",
     "max_message_size": "largest WebSocket frame accepted, in bytes (larger: close 1009)",
     "max_body_size": "largest REST request body, in bytes (larger: 413)",
     "mailbox_size": "envelopes queued for one call before REST requests get 503 call_busy",
@@ -253,7 +255,8 @@ def _require(ok: bool, name: str, value: Any, rule: str) -> None:
 
 def _checked(c: Config) -> Config:
     for name in ("call_ttl", "cleanup_interval", "heartbeat_interval", "heartbeat_timeout", "ask_timeout",
-                 "shutdown_timeout", "unclaimed_ttl", "departure_timeout", "turn_credential_ttl", "webhook_timeout"):
+                 "shutdown_timeout", "ws_close_grace", "unclaimed_ttl", "departure_timeout", "turn_credential_ttl",
+                 "webhook_timeout"):
         value = getattr(c, name)
         _require(math.isfinite(value) and value > 0, name, value, "must be a number of seconds > 0")
     _require(0 <= c.port <= 65535, "port", c.port, "must be between 0 and 65535")

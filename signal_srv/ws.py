@@ -12,7 +12,7 @@ import time
 from asyncio import Future
 from typing import Any, Awaitable
 
-from tornado.iostream import IOStream, StreamBufferFullError
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from signal_srv import messages
@@ -46,6 +46,36 @@ def _retrieve(future: Future[None]) -> None:
     """Mark a failed write as seen: a peer that went away mid-write is not an error."""
     if not future.cancelled():
         future.exception()
+
+
+def _drop_unstarted_frames(stream: IOStream) -> int:
+    """Drop the queued frames of which no byte has been written yet; return the bytes dropped.
+
+    Every frame is one ``IOStream.write``, whose future records the stream offset where the
+    frame ends. The first of those beyond what was written ends the frame now on the wire:
+    it is kept whole (cut in the middle, the peer would read payload as frame headers), and
+    everything queued after it is dropped, its write futures failed with ``StreamClosedError``.
+    """
+    written = stream._total_write_done_index
+    pending = stream._write_futures
+    keep_until = next((end for end, _ in pending if end > written), written)
+    buffer = stream._write_buffer
+    keep = keep_until - written
+    dropped = len(buffer) - keep
+    if dropped <= 0:
+        return 0
+    head = bytearray()
+    while len(head) < keep:
+        with buffer.peek(keep - len(head)) as view:
+            head += view
+            size = len(view)
+        buffer.advance(size)
+    buffer.clear()
+    buffer.append(head)
+    stream._total_write_index = keep_until
+    while pending and pending[-1][0] > keep_until:
+        pending.pop()[1].set_exception(StreamClosedError())
+    return dropped
 
 
 class SignalingSocket(WebSocketHandler):
@@ -126,6 +156,8 @@ class SignalingSocket(WebSocketHandler):
             self.ping()
         except WebSocketClosedError:
             pass
+        except StreamBufferFullError:
+            self._close_slow_reader()
 
     def on_pong(self, data: bytes) -> None:
         self.awaiting_pong_since = None
@@ -208,6 +240,10 @@ class SignalingSocket(WebSocketHandler):
         if self._counted:
             self._counted = False
             self.metrics.sockets -= 1
+        self._detach()
+
+    def _detach(self) -> None:
+        """Tell the call (once) that this socket is gone, so its participant counts as disconnected."""
         actor, self._actor = self._actor, None
         if actor is None:
             return
@@ -225,9 +261,30 @@ class SignalingSocket(WebSocketHandler):
         except WebSocketClosedError:
             logger.debug("dropped a frame for a closed socket")
         except StreamBufferFullError:
-            logger.warning("closing a socket whose reader fell %d bytes behind", self.config.ws_write_buffer_limit)
-            stream = self._stream()
-            assert stream is not None
-            stream.max_write_buffer_size = None
-            self.close(TRY_AGAIN_LATER, "slow reader")
-            stream.close()  # it does not read, so it would never answer the closing handshake
+            self._close_slow_reader()
+
+    def _close_slow_reader(self) -> None:
+        logger.warning("closing a socket whose reader fell %d bytes behind", self.config.ws_write_buffer_limit)
+        self.close_with_grace(TRY_AGAIN_LATER, "slow reader", drop_unsent=True)
+
+    def close_with_grace(self, code: int, reason: str, *, drop_unsent: bool = False) -> None:
+        """Close with ``code``; cut the connection if the closing handshake is not done in ``ws_close_grace``.
+
+        The participant counts as disconnected at once. With ``drop_unsent``, queued frames
+        not yet started are dropped first, so that the close frame is next on the wire and the
+        memory they held is freed now; a reader that reads again within the grace gets it.
+        """
+        protocol, stream = self.ws_connection, self._stream()
+        if protocol is None or stream is None or protocol.is_closing():
+            return
+        if drop_unsent:
+            logger.debug("dropped %d queued bytes before closing with %d", _drop_unstarted_frames(stream), code)
+        stream.max_write_buffer_size = None  # the close frame must not be refused
+        self._detach()
+        self.close(code, reason)
+        # Tornado's close() waits a fixed 5 s for the peer's close frame (``_waiting``) before
+        # it cuts the connection; ours waits ``ws_close_grace`` instead.
+        waiting = getattr(protocol, "_waiting", None)
+        if waiting is not None:
+            stream.io_loop.remove_timeout(waiting)
+            protocol._waiting = stream.io_loop.call_later(self.config.ws_close_grace, stream.close)  # type: ignore[attr-defined]

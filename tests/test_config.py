@@ -63,6 +63,7 @@ def test_prod_conf_loads_with_its_secrets_from_the_environment() -> None:
     (["--call_ttl=-5"], {}, None, "call_ttl=-5.0: must be a number of seconds > 0"),
     (["--call_ttl=nan"], {}, None, "call_ttl=nan: must be a number of seconds > 0"),
     (["--cleanup_interval=0"], {}, None, "cleanup_interval=0.0"),
+    (["--ws_close_grace=0"], {}, None, "ws_close_grace=0.0: must be a number of seconds > 0"),
     (["--list_calls=private"], {}, None, "list_calls='private': must be 'public' or 'off'"),
     (["--log_level=loud"], {}, None, "log_level='loud'"),
     (["--max_participants=3000"], {}, None, "max_participants=3000"),

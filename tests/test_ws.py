@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from typing import Any
+import struct
+import time
+from typing import Any, Callable
 
 import pytest
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamClosedError
 
 from signal_srv.client import Connection, SignalingClient
 from signal_srv.registry import Registry
@@ -298,7 +300,43 @@ async def test_a_connected_quiet_call_never_expires_and_expires_once_sockets_are
     assert registry.statistics().ended == {"expired": 1}
 
 
-@pytest.mark.settings(max_message_size=65536, ws_write_buffer_limit=131072)
+async def read_frame(stream: IOStream) -> tuple[int, bytes]:
+    """The next frame the server sent (unmasked): its opcode and payload."""
+    head = await stream.read_bytes(2)
+    size = head[1] & 0x7F
+    if size == 126:
+        size = struct.unpack("!H", await stream.read_bytes(2))[0]
+    elif size == 127:
+        size = struct.unpack("!Q", await stream.read_bytes(8))[0]
+    return head[0] & 0x0F, await stream.read_bytes(size)
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll a server-side fact that has no event of its own, for at most TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.01)
+
+
+async def flood_until_cut_off(a: Connection, peer_id: str, *others: Pair) -> None:
+    """Relay big messages to ``peer_id`` until ``a`` hears it disconnected; ``others`` must relay on."""
+    for _ in range(40):
+        for _ in range(10):
+            a.send("message", "x" * 60000)
+        a.send("ping")
+        await a.wait_for("pong")
+        for other in others:
+            await assert_relays(other)
+        if any(m.get("event") == "disconnected" and m.get("subject") == peer_id for m in a.skipped):
+            return
+    pytest.fail("the slow reader was never closed")
+
+
+SLOW_READER = {"max_message_size": 65536, "ws_write_buffer_limit": 131072}
+
+
+@pytest.mark.settings(**SLOW_READER)
 async def test_a_slow_reader_is_closed_with_1013_without_stalling_the_call_or_others(
     client: SignalingClient, http_server_port: tuple[Any, int], log_guard: Any
 ) -> None:
@@ -309,18 +347,52 @@ async def test_a_slow_reader_is_closed_with_1013_without_stalling_the_call_or_ot
     a = await client.connect_as(host)
     slow = await raw_socket(http_server_port[1], query_of(guest), rcvbuf=4096)
     await a.wait_for("state", event="connected", subject=guest["peer_id"])
-    for _ in range(40):
-        for _ in range(10):
-            a.send("message", "x" * 60000)
-        a.send("ping")
-        await a.wait_for("pong")
-        await assert_relays(other)
-        if any(m.get("event") == "disconnected" for m in a.skipped):
-            break
-    else:
-        pytest.fail("the slow reader was never closed")
-    gone = next(m for m in a.skipped if m.get("event") == "disconnected")
-    assert gone["subject"] == guest["peer_id"]
+    await flood_until_cut_off(a, guest["peer_id"], other)
     slow.close()
     a.send("ping")
     await a.wait_for("pong")
+
+
+@pytest.mark.settings(**SLOW_READER, ws_close_grace=4 * TIMEOUT)
+async def test_a_slow_reader_that_reads_again_within_the_grace_gets_close_1013(
+    client: SignalingClient, http_server_port: tuple[Any, int], log_guard: Any
+) -> None:
+    log_guard.expect("signal_srv.ws", "closing a socket whose reader fell")
+    host = await client.create_call()
+    guest = await client.join(host["call_id"])
+    a = await client.connect_as(host)
+    slow = await raw_socket(http_server_port[1], query_of(guest), rcvbuf=4096)
+    await a.wait_for("state", event="connected", subject=guest["peer_id"])
+    await flood_until_cut_off(a, guest["peer_id"])
+    frames = []
+    while (frame := await asyncio.wait_for(read_frame(slow), TIMEOUT))[0] != 0x8:
+        frames.append(frame)
+    opcode, payload = frame
+    assert (struct.unpack("!H", payload[:2])[0], payload[2:]) == (1013, b"slow reader")
+    # Frames were dropped whole, never cut: everything before the close parses, in order.
+    texts = [json.loads(data) for op, data in frames if op == 0x1]
+    seqs = [m["seq"] for m in texts]
+    assert texts and seqs == sorted(set(seqs))
+    await slow.write(bytes([0x88, 0x82, 0, 0, 0, 0]) + struct.pack("!H", 1013))  # masked with zeros
+    with pytest.raises(StreamClosedError):
+        await asyncio.wait_for(slow.read_bytes(1), TIMEOUT)
+
+
+@pytest.mark.settings(**SLOW_READER, ws_close_grace=0.2)
+async def test_a_slow_reader_that_never_reads_again_is_cut_after_the_grace(
+    client: SignalingClient, registry: Registry, http_server_port: tuple[Any, int], log_guard: Any
+) -> None:
+    log_guard.expect("signal_srv.ws", "closing a socket whose reader fell")
+    other = await make_pair(client)
+    host = await client.create_call()
+    guest = await client.join(host["call_id"])
+    a = await client.connect_as(host)
+    slow = await raw_socket(http_server_port[1], query_of(guest), rcvbuf=4096)
+    await a.wait_for("state", event="connected", subject=guest["peer_id"])
+    assert registry.metrics.sockets == 4
+    await flood_until_cut_off(a, guest["peer_id"], other)
+    await wait_until(lambda: registry.metrics.sockets == 3, "the slow reader's connection is freed")
+    with pytest.raises(StreamClosedError):  # what the kernel still held, then the end of the connection
+        while True:
+            await asyncio.wait_for(read_frame(slow), TIMEOUT)
+    await assert_relays(other)

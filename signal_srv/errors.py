@@ -16,7 +16,8 @@
     ├── UnsupportedMediaType (415 unsupported_media_type)
     ├── RateLimited (429 rate_limited)
     ├── Capacity (503 capacity)
-    └── CallBusy (503 call_busy)
+    ├── CallBusy (503 call_busy)
+    └── ShuttingDown (503 shutting_down)
 
 ``ConfigError`` is separate: it only happens at start-up.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
+    "ShuttingDown",
     "SignalError",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -127,6 +129,12 @@ class Capacity(SignalError):
 
 class CallBusy(SignalError):
     status, code, default_message = 503, "call_busy", "the call is busy, try again"
+
+
+class ShuttingDown(SignalError):
+    """The server is draining before it exits; the request may be retried elsewhere or later."""
+
+    status, code, default_message = 503, "shutting_down", "the server is shutting down; try again"
 
 
 class ConfigError(Exception):

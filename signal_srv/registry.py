@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Awaitable, Iterator
 
 from signal_srv.actor import CallActor, CallSummary, Joined
 from signal_srv.call import Call, CallRules, Expire, Notify, Status, StatusChanged
-from signal_srv.errors import CallEnded, CallNotFound, Capacity
+from signal_srv.errors import CallEnded, CallNotFound, Capacity, ShuttingDown
 from signal_srv.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -104,7 +104,10 @@ class Registry:
     # Creating and finding calls --------------------------------------------------------
 
     def create(self) -> Created:
-        """Create a call with its host as first participant. Raises ``Capacity`` at ``max_calls``."""
+        """Create a call with its host as first participant.
+
+        Raises ``Capacity`` at ``max_calls``, ``ShuttingDown`` once ``close`` has begun.
+        """
         self.check_capacity()
         call_id, peer_id, peer_token = new_ids(3)
         while call_id in self._actors:
@@ -132,14 +135,20 @@ class Registry:
         return Created(actor, peer_id, peer_token, joined)
 
     def check_capacity(self) -> None:
-        """Raise ``Capacity`` when no call may be created now: shutting down, or ``max_calls`` live."""
+        """Raise ``ShuttingDown`` or ``Capacity`` when no call may be created now."""
         if self.closing:
-            raise Capacity("the server is shutting down")
+            raise ShuttingDown()
         if len(self._actors) >= self.max_calls:
             raise Capacity(f"{self.max_calls} calls are live; try again later")
 
     def get(self, call_id: str) -> CallActor:
-        """The live call's actor. Raises ``CallNotFound`` for unknown, ended or expired calls."""
+        """The live call's actor.
+
+        Raises ``CallNotFound`` for unknown, ended or expired calls, and ``ShuttingDown`` once
+        ``close`` has begun (the calls are ending because this process stops, not for good).
+        """
+        if self.closing:
+            raise ShuttingDown()
         actor = self._actors.get(call_id)
         if actor is None or not actor.alive:
             raise CallNotFound()

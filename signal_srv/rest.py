@@ -23,6 +23,7 @@ from signal_srv.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    ShuttingDown,
     SignalError,
     Unauthorized,
     UnsupportedMediaType,
@@ -92,6 +93,8 @@ class JsonHandler(RequestHandler):
             self.set_header("Retry-After", RETRY_AFTER[status])
         if status == 405:
             self.set_header("Allow", ", ".join(_allowed_methods(type(self))))
+        if isinstance(exc, ShuttingDown):
+            self.set_header("Connection", "close")
         self.set_status(status)
         self.finish(messages.to_json({"error": {"code": code, "message": message}}))
 
@@ -291,9 +294,9 @@ class ReadyHandler(ApiHandler):
     def get(self) -> None:
         try:
             self.registry.check_capacity()
-        except Capacity:
+        except (Capacity, ShuttingDown) as exc:
             self.set_header("Retry-After", RETRY_AFTER[503])
-            self.reply(503, {"status": "shutting_down" if self.registry.closing else "at_capacity"})
+            self.reply(503, {"status": "shutting_down" if isinstance(exc, ShuttingDown) else "at_capacity"})
         else:
             self.reply(200, {"status": "ready"})
 

@@ -10,11 +10,11 @@ import signal
 import sys
 from typing import Sequence
 
-from tornado.httpserver import HTTPServer
 from tornado.web import Application
 
 from signal_srv.app import make_app, make_metrics_app
 from signal_srv.config import Config, ignored_environment, load_config
+from signal_srv.drain import DrainingHTTPServer
 from signal_srv.errors import ConfigError
 from signal_srv.logs import setup_logging
 from signal_srv.registry import Registry
@@ -32,9 +32,9 @@ BODY_BACKSTOP = 1024
 GC_THRESHOLDS = (10_000, 20, 20)
 
 
-def make_server(app: Application, config: Config) -> HTTPServer:
+def make_server(app: Application, config: Config) -> DrainingHTTPServer:
     """The HTTP server for ``app``, with the proxy and body-size settings of ``config``."""
-    return HTTPServer(app, xheaders=config.xheaders, max_body_size=config.max_body_size + BODY_BACKSTOP)
+    return DrainingHTTPServer(app, xheaders=config.xheaders, max_body_size=config.max_body_size + BODY_BACKSTOP)
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
@@ -45,7 +45,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     servers = [make_server(app, config)]
     servers[0].listen(config.port, config.address)
     if config.metrics_port:
-        servers.append(HTTPServer(make_metrics_app(registry)))
+        servers.append(DrainingHTTPServer(make_metrics_app(registry)))
         servers[1].listen(config.metrics_port, config.address)
     registry.start_sweeping(config.cleanup_interval)
     loop = asyncio.get_running_loop()
@@ -57,19 +57,26 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     try:
         await asyncio.wait_for(_shut_down(servers, registry, config.shutdown_timeout), config.shutdown_timeout)
     except TimeoutError:
-        logger.warning("shutdown took longer than %.1f s; exiting anyway", config.shutdown_timeout)
+        logger.warning("shutdown took longer than %.1f s; exiting anyway, cutting %d HTTP connections",
+                       config.shutdown_timeout, sum(server.open_connections for server in servers))
+        for server in servers:
+            # Closed first, a request still waiting for its body ends quietly; cancelled at exit,
+            # its handler would answer (and log) a 500.
+            await server.close_all_connections()
     logger.info("signal_srv stopped")
 
 
-async def _shut_down(servers: list[HTTPServer], registry: Registry, timeout: float) -> None:
+async def _shut_down(servers: list[DrainingHTTPServer], registry: Registry, timeout: float) -> None:
+    """Stop listening, then end the calls and drain the HTTP connections side by side.
+
+    Requests that arrive meanwhile are answered: ``503 shutting_down`` where they need a call.
+    """
     for server in servers:
         server.stop()
-    await registry.close(timeout)
-    for server in servers:
-        await server.close_all_connections()
+    await asyncio.gather(registry.close(timeout), *(server.drain() for server in servers))
 
 
-def _bound_port(server: HTTPServer) -> int:
+def _bound_port(server: DrainingHTTPServer) -> int:
     for sock in server._sockets.values():  # type: ignore[attr-defined]
         return int(sock.getsockname()[1])
     return 0

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from functools import lru_cache
@@ -68,6 +69,7 @@ class LiveServer:
         self.lines: list[str] = []
         self.port = 0
         self._listening = threading.Event()
+        self._logged = threading.Condition()
         self.process: subprocess.Popen[str] | None = None
         self._drain: threading.Thread | None = None
 
@@ -98,11 +100,41 @@ class LiveServer:
     def _read_log(self) -> None:
         assert self.process is not None and self.process.stderr is not None
         for line in self.process.stderr:
-            self.lines.append(line)
+            with self._logged:
+                self.lines.append(line)
+                self._logged.notify_all()
             match = _LISTENING.search(line)
             if match and not self._listening.is_set():
                 self.port = int(match.group(1))
                 self._listening.set()
+
+    def wait_for_log(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """Block until the server logs a line matching ``pattern`` (a regex); return that line."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._logged:
+            while True:
+                for line in self.lines[seen:]:
+                    if regex.search(line):
+                        return line
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"the server never logged /{pattern}/:\n" + "".join(self.lines[-30:])
+                self._logged.wait(remaining)
+
+    def terminate(self) -> None:
+        """Send SIGTERM and return at once (``wait_exited()`` waits for the exit)."""
+        assert self.process is not None
+        self.process.terminate()
+
+    def wait_exited(self) -> int:
+        """Wait for the process to exit by itself (a second SIGTERM could cut its last steps)."""
+        assert self.process is not None
+        code = self.process.wait(TIMEOUT * 4)
+        if self._drain is not None:
+            self._drain.join(TIMEOUT)
+        return code
 
     def problems(self) -> list[str]:
         """ERROR/CRITICAL lines and tracebacks the server logged so far."""

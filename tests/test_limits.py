@@ -129,6 +129,11 @@ async def test_while_shutting_down_readyz_and_create_answer_503(
     status, body, _ = await client.request("GET", "/readyz")
     assert (status, body) == (503, {"status": "shutting_down"})
     status, body, headers = await client.request("POST", "/apiv2/calls")
-    assert (status, body["error"]["code"], headers["Retry-After"]) == (503, "capacity", "1")
+    assert (status, body["error"]["code"], headers["Retry-After"], headers["Connection"]) == (
+        503, "shutting_down", "1", "close")
+    token = {"Authorization": f"Bearer {pair.host['peer_token']}"}
+    for method, path in [("GET", ""), ("POST", "/join"), ("POST", "/end")]:
+        status, body, _ = await client.request(method, f"/apiv2/calls/{pair.call_id}{path}", headers=token)
+        assert (status, body["error"]["code"]) == (503, "shutting_down"), (method, path)
     late = await client.connect_as(pair.host)
     assert await late.wait_closed() == (1013, "server busy")

@@ -146,6 +146,13 @@ def assert_conforms(path: str, method: str, response: HTTPResponse) -> None:
 class Ctx:
     base_url: str
     log_guard: Any
+    registry: Registry | None = None
+
+    async def shut_down(self) -> None:
+        """Begin the server's shutdown: its calls end, and requests for calls get 503 shutting_down."""
+        assert self.registry is not None
+        self.log_guard.expect("signal_srv.access", "^503 ")
+        await self.registry.close()
 
     async def fetch(self, method: str, path: str, *, body: bytes | None = None,
                     headers: dict[str, str] | None = None) -> HTTPResponse:
@@ -279,6 +286,13 @@ async def get_call_bad_utf8(c: Ctx) -> HTTPResponse:
 @scenario("/apiv2/calls/{call_id}", "get", 404)
 async def get_unknown_call(c: Ctx) -> HTTPResponse:
     return await c.fetch("GET", "/apiv2/calls/AAAAAAAAAAAAAAAAAAAAAA")
+
+
+@scenario("/apiv2/calls/{call_id}", "get", 503)
+async def get_call_shutting_down(c: Ctx) -> HTTPResponse:
+    call_id = (await c.create())["call_id"]
+    await c.shut_down()
+    return await c.fetch("GET", f"/apiv2/calls/{call_id}")
 
 
 @scenario("/apiv2/calls/{call_id}", "get", 413)
@@ -495,11 +509,34 @@ def test_every_documented_status_has_a_scenario() -> None:
 
 @pytest.mark.parametrize(("path", "method", "status", "make"), SCENARIOS)
 async def test_answer_conforms_to_document(
-    path: str, method: str, status: int, make: Scenario, base_url: str, log_guard: Any
+    path: str, method: str, status: int, make: Scenario, base_url: str, log_guard: Any, registry: Registry
 ) -> None:
-    response = await make(Ctx(base_url, log_guard))
+    response = await make(Ctx(base_url, log_guard, registry))
     assert response.code == status, f"expected {status}, got {response.code}: {response.body[:300]!r}"
     assert_conforms(path, method, response)
+
+
+async def test_every_call_route_answers_shutting_down_as_documented(
+    base_url: str, log_guard: Any, registry: Registry
+) -> None:
+    c = Ctx(base_url, log_guard, registry)
+    host = await c.create()
+    call, auth = f"/apiv2/calls/{host['call_id']}", bearer(host["peer_token"])
+    await c.shut_down()
+    for method, path, target in [
+        ("post", "/apiv2/calls", "/apiv2/calls"),
+        ("post", "/apiv2/calls", "/apiv2/calls?reuse_last=true"),
+        ("get", "/apiv2/calls/{call_id}", call),
+        ("post", "/apiv2/calls/{call_id}/join", call + "/join"),
+        ("post", "/apiv2/calls/{call_id}/leave", call + "/leave"),
+        ("post", "/apiv2/calls/{call_id}/end", call + "/end"),
+        ("get", "/apiv2/config", f"/apiv2/config?call_id={host['call_id']}"),
+    ]:
+        # Asking to keep the connection alive: the answer itself must say that it closes.
+        response = await c.fetch(method.upper(), target, headers={**auth, "Connection": "keep-alive"})
+        assert (response.code, json.loads(response.body)["error"]["code"]) == (503, "shutting_down"), target
+        assert response.headers["Connection"] == "close"
+        assert_conforms(path, method, response)
 
 
 _405_CASES = [

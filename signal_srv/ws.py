@@ -55,6 +55,8 @@ def _drop_unstarted_frames(stream: IOStream) -> int:
     frame ends. The first of those beyond what was written ends the frame now on the wire:
     it is kept whole (cut in the middle, the peer would read payload as frame headers), and
     everything queued after it is dropped, its write futures failed with ``StreamClosedError``.
+    (With permessage-deflate context takeover this would break the stream; sockets here are
+    not compressed.)
     """
     written = stream._total_write_done_index
     pending = stream._write_futures

@@ -336,21 +336,14 @@ async def flood_until_cut_off(a: Connection, peer_id: str, *others: Pair) -> Non
 SLOW_READER = {"max_message_size": 65536, "ws_write_buffer_limit": 131072}
 
 
-@pytest.mark.settings(**SLOW_READER)
-async def test_a_slow_reader_is_closed_with_1013_without_stalling_the_call_or_others(
-    client: SignalingClient, http_server_port: tuple[Any, int], log_guard: Any
-) -> None:
-    log_guard.expect("signal_srv.ws", "closing a socket whose reader fell")
-    other = await make_pair(client)
+async def call_with_slow_reader(client: SignalingClient, port: int) -> tuple[Connection, str, IOStream]:
+    """A call whose host socket ``a`` reads, and whose guest's socket has a tiny receive buffer and does not."""
     host = await client.create_call()
     guest = await client.join(host["call_id"])
     a = await client.connect_as(host)
-    slow = await raw_socket(http_server_port[1], query_of(guest), rcvbuf=4096)
+    slow = await raw_socket(port, query_of(guest), rcvbuf=4096)
     await a.wait_for("state", event="connected", subject=guest["peer_id"])
-    await flood_until_cut_off(a, guest["peer_id"], other)
-    slow.close()
-    a.send("ping")
-    await a.wait_for("pong")
+    return a, guest["peer_id"], slow
 
 
 @pytest.mark.settings(**SLOW_READER, ws_close_grace=4 * TIMEOUT)
@@ -358,12 +351,8 @@ async def test_a_slow_reader_that_reads_again_within_the_grace_gets_close_1013(
     client: SignalingClient, http_server_port: tuple[Any, int], log_guard: Any
 ) -> None:
     log_guard.expect("signal_srv.ws", "closing a socket whose reader fell")
-    host = await client.create_call()
-    guest = await client.join(host["call_id"])
-    a = await client.connect_as(host)
-    slow = await raw_socket(http_server_port[1], query_of(guest), rcvbuf=4096)
-    await a.wait_for("state", event="connected", subject=guest["peer_id"])
-    await flood_until_cut_off(a, guest["peer_id"])
+    a, guest_id, slow = await call_with_slow_reader(client, http_server_port[1])
+    await flood_until_cut_off(a, guest_id)
     frames = []
     while (frame := await asyncio.wait_for(read_frame(slow), TIMEOUT))[0] != 0x8:
         frames.append(frame)
@@ -379,20 +368,18 @@ async def test_a_slow_reader_that_reads_again_within_the_grace_gets_close_1013(
 
 
 @pytest.mark.settings(**SLOW_READER, ws_close_grace=0.2)
-async def test_a_slow_reader_that_never_reads_again_is_cut_after_the_grace(
+async def test_a_slow_reader_that_never_reads_again_is_cut_after_the_grace_and_stalls_nobody(
     client: SignalingClient, registry: Registry, http_server_port: tuple[Any, int], log_guard: Any
 ) -> None:
     log_guard.expect("signal_srv.ws", "closing a socket whose reader fell")
     other = await make_pair(client)
-    host = await client.create_call()
-    guest = await client.join(host["call_id"])
-    a = await client.connect_as(host)
-    slow = await raw_socket(http_server_port[1], query_of(guest), rcvbuf=4096)
-    await a.wait_for("state", event="connected", subject=guest["peer_id"])
+    a, guest_id, slow = await call_with_slow_reader(client, http_server_port[1])
     assert registry.metrics.sockets == 4
-    await flood_until_cut_off(a, guest["peer_id"], other)
+    await flood_until_cut_off(a, guest_id, other)
     await wait_until(lambda: registry.metrics.sockets == 3, "the slow reader's connection is freed")
     with pytest.raises(StreamClosedError):  # what the kernel still held, then the end of the connection
         while True:
             await asyncio.wait_for(read_frame(slow), TIMEOUT)
     await assert_relays(other)
+    a.send("ping")
+    await a.wait_for("pong")

@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["signal_srv", "signal_srv.*"]),
     package_data={"signal_srv": ["static/*", "openapi.json"]},
-    install_requires=["tornado>=6.4", "prometheus_client>=0.17"],
+    install_requires=["tornado>=6.4", "prometheus_client>=0.17", "PyJWT[crypto]>=2.10", "cryptography>=3.4"],
     extras_require={
         "test": [
             "pytest>=8,<9",  # schemathesis' pytest plugin breaks under pytest 9
@@ -30,6 +30,7 @@ setup(
             "signal-srv = signal_srv.server:main",
             "signal-srv-stress = signal_srv.stress:main",
             "signal-srv-bench = signal_srv.bench:main",
+            "signal-srv-token = signal_srv.tokens:main",
         ],
     },
 )

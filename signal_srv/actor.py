@@ -74,7 +74,10 @@ _WAKE_UP = Envelope(Expire())  # posted by the actor's timer; checked by identit
 
 @dataclass(frozen=True, slots=True)
 class CallSummary:
-    """A read-only snapshot of a call, as the REST API shows it."""
+    """A read-only snapshot of a call, as the REST API shows it.
+
+    ``peers`` (who is in the call) is filled in only for administrators' answers.
+    """
 
     call_id: str
     status: str
@@ -83,9 +86,10 @@ class CallSummary:
     created_at: str
     expires_at: float | None
     expires_reason: str | None
+    peers: tuple[dict[str, Any], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "call_id": self.call_id,
             "status": self.status,
             "participants": {"count": self.count, "max": self.max},
@@ -93,6 +97,9 @@ class CallSummary:
             "expires_at": iso_time(self.expires_at) if self.expires_at is not None else None,
             "expires_reason": self.expires_reason,
         }
+        if self.peers is not None:
+            body["peers"] = list(self.peers)
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,19 +164,26 @@ class CallActor:
     def inbox_depth(self) -> int:
         return self._queue.qsize()
 
-    def summary(self) -> CallSummary:
-        """A consistent snapshot: it runs between two events, never in the middle of one."""
+    def summary(self, peers: bool = False) -> CallSummary:
+        """A consistent snapshot: it runs between two events, never in the middle of one.
+
+        ``peers``: also list the participants (peer_id, identity, name, role, connected).
+        """
         call = self.call
         expiry = call.expiry()
         expires = None if expiry is None else time.time() + (expiry.at - time.monotonic())
+        listed = None
+        if peers:
+            listed = tuple({"peer_id": p.peer_id, "identity": p.identity, "name": p.name, "role": p.role,
+                            "connected": p.conn is not None} for p in call.participants.values())
         return CallSummary(
             call.call_id, call.status.value, len(call.participants), call.max_participants,
-            self.created_at, expires, None if expiry is None else expiry.reason,
+            self.created_at, expires, None if expiry is None else expiry.reason, listed,
         )
 
-    def start(self, peer_id: str, peer_token: str) -> Joined:
+    def start(self, peer_id: str, peer_token: str, identity: str | None = None, name: str | None = None) -> Joined:
         """Seat the host; called once, before ``run`` starts."""
-        self.call.handle(Join(peer_id, peer_token), time.monotonic())
+        self.call.handle(Join(peer_id, peer_token, identity, name), time.monotonic())
         host = self.call.participant(peer_id)
         return Joined(host.role, host.polite, self.summary())
 

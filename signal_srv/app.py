@@ -7,6 +7,7 @@ from typing import Any
 
 from tornado.web import Application, StaticFileHandler
 
+from signal_srv.auth import make_verifier
 from signal_srv.call import CallRules
 from signal_srv.config import Config
 from signal_srv.limits import Limits
@@ -26,6 +27,7 @@ from signal_srv.rest import (
     MetricsHandler,
     NotFoundHandler,
     ReadyHandler,
+    RemoveHandler,
 )
 from signal_srv.webhooks import Webhooks
 from signal_srv.ws import SignalingSocket
@@ -68,7 +70,8 @@ def make_registry(config: Config) -> Registry:
 def make_app(config: Config, registry: Registry | None = None) -> Application:
     """The Tornado application; ``app.settings["registry"]`` is its call registry.
 
-    ``/metrics`` is served here unless ``metrics_port`` asks for ``make_metrics_app``.
+    ``app.settings["auth"]`` is its token verifier (None with ``auth=none``); close it on
+    shutdown. ``/metrics`` is served here unless ``metrics_port`` asks for ``make_metrics_app``.
     """
     if registry is None:
         registry = make_registry(config)
@@ -78,18 +81,21 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         rate_join=config.rate_join, rate_join_burst=config.rate_join_burst, max_sockets=config.max_sockets,
     )
     deps: dict[str, Any] = {"registry": registry, "config": config, "limits": limits, "metrics": registry.metrics}
+    auth = make_verifier(config)
+    api = {**deps, "auth": auth}  # the REST handlers; the socket keeps using peer tokens
     call = r"/apiv2/calls/([^/]+)"
     routes: list[Any] = [
-        (r"/apiv2/calls", CallsHandler, deps),
-        (r"/apiv2/calls/current", CurrentCallHandler, deps),
-        (call, CallHandler, deps),
-        (call + "/join", JoinHandler, deps),
-        (call + "/leave", LeaveHandler, deps),
-        (call + "/end", EndHandler, deps),
-        (r"/apiv2/config", ConfigHandler, deps),
+        (r"/apiv2/calls", CallsHandler, api),
+        (r"/apiv2/calls/current", CurrentCallHandler, api),
+        (call, CallHandler, api),
+        (call + "/join", JoinHandler, api),
+        (call + "/leave", LeaveHandler, api),
+        (call + "/end", EndHandler, api),
+        (call + r"/participants/([^/]+)/remove", RemoveHandler, api),
+        (r"/apiv2/config", ConfigHandler, api),
         (r"/apiv2/ws", SignalingSocket, deps),
-        (r"/healthz", HealthHandler, deps),
-        (r"/readyz", ReadyHandler, deps),
+        (r"/healthz", HealthHandler, api),
+        (r"/readyz", ReadyHandler, api),
         (r"/apiv2/openapi.json", OpenApiHandler, {}),
         *([] if config.metrics_port else [(r"/metrics", MetricsHandler, deps)]),
         (r"/()", StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
@@ -98,8 +104,9 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
     return Application(
         routes,
         registry=registry,
+        auth=auth,
         default_handler_class=NotFoundHandler,
-        default_handler_args=deps,
+        default_handler_args=api,
         log_function=log_request,
         websocket_max_message_size=config.max_message_size,
     )

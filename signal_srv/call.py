@@ -5,6 +5,10 @@ Rules:
 - Status follows the participants: ``waiting`` with fewer than two, ``active`` with two or
   more. ``ended`` is terminal: every event is refused with ``CallEnded``.
 - Leaving frees the slot; the last participant out ends the call; any participant may end it.
+  An administrator (authorized at the edge) may end the call or remove a participant, which
+  leaves with reason ``removed``.
+- A participant may carry who it is in the application (``identity``, ``name``, from the
+  token it joined with); ``state`` frames show each participant the other one as ``peer``.
 - A relayed message goes to every other participant, never to the sender: at once to a
   connected socket, or held in order (up to ``hold_limit``) for one that has joined but is
   not connected, and delivered when it connects.
@@ -35,7 +39,7 @@ from enum import Enum
 from typing import Any, Union
 
 from signal_srv import messages
-from signal_srv.errors import BufferFull, CallEnded, CallFull, NoPeer, Unauthorized
+from signal_srv.errors import BufferFull, CallEnded, CallFull, NoPeer, ParticipantNotFound, Unauthorized
 from signal_srv.messages import Ping, Relay
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "Notify",
     "Participant",
     "Receive",
+    "Remove",
     "Send",
     "Shutdown",
     "Status",
@@ -89,8 +94,12 @@ class CallRules:
 
 @dataclass(frozen=True, slots=True)
 class Join:
+    """A new participant; ``identity`` and ``name`` come from its access token (None without)."""
+
     peer_id: str
     token: str
+    identity: str | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +109,16 @@ class Leave:
 
 @dataclass(frozen=True, slots=True)
 class End:
-    token: str
+    """End the call: by the participant holding ``token``, or (None) by an administrator."""
+
+    token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """An administrator (authorized at the edge) removes participant ``peer_id``."""
+
+    peer_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +157,7 @@ class Shutdown:
     """The server is stopping."""
 
 
-Event = Union[Join, Leave, End, Connect, Disconnect, Receive, Identify, Expire, Shutdown]
+Event = Union[Join, Leave, End, Remove, Connect, Disconnect, Receive, Identify, Expire, Shutdown]
 
 # Effects -----------------------------------------------------------------------------
 
@@ -171,11 +189,13 @@ class Notify:
     event: str
     peer_id: str | None = None
     reason: str | None = None
+    identity: str | None = None
+    name: str | None = None
 
 
 Effect = Union[Send, Close, StatusChanged, Notify]
 
-_ANY_EVENT = frozenset({Join, Leave, End, Connect, Disconnect, Receive, Identify, Expire, Shutdown})
+_ANY_EVENT = frozenset({Join, Leave, End, Remove, Connect, Disconnect, Receive, Identify, Expire, Shutdown})
 
 # Which events each status accepts; anything else is refused and changes nothing.
 # waiting --2nd join--> active --leave--> waiting; either --end/expire/last leave/shutdown--> ended
@@ -210,6 +230,8 @@ class Participant:
     token: bytes
     role: str
     away_since: float | None
+    identity: str | None = None
+    name: str | None = None
     conn: int | None = None
     seq: int = 0
     # Created on first use: most participants never need them (a deque costs ~760 bytes).
@@ -313,12 +335,13 @@ class Call:
         if len(self.participants) >= self.rules.max_participants:
             raise CallFull()
         has_host = any(p.role == "host" for p in self.participants.values())
-        joiner = Participant(event.peer_id, event.token.encode(), "guest" if has_host else "host", away_since=now)
+        joiner = Participant(event.peer_id, event.token.encode(), "guest" if has_host else "host", away_since=now,
+                             identity=event.identity, name=event.name)
         self.participants[joiner.peer_id] = joiner
         if len(self.participants) > 1:
             self._claim(now)
         effects = self._update_status()
-        effects.append(Notify("participant_joined", joiner.peer_id))
+        effects.append(Notify("participant_joined", joiner.peer_id, None, joiner.identity, joiner.name))
         effects += self._broadcast_state("joined", joiner.peer_id)
         return effects
 
@@ -326,8 +349,15 @@ class Call:
         return self._remove(self.authenticate(event.token), "left")
 
     def _end_by(self, event: End, now: float) -> list[Effect]:
-        self.authenticate(event.token)
+        if event.token is not None:
+            self.authenticate(event.token)
         return self._end("ended")
+
+    def _remove_by_admin(self, event: Remove, now: float) -> list[Effect]:
+        p = self.participants.get(event.peer_id)
+        if p is None:
+            raise ParticipantNotFound()
+        return self._remove(p, "removed")
 
     def _identify(self, event: Identify, now: float) -> list[Effect]:
         self.authenticate(event.token)
@@ -430,7 +460,7 @@ class Call:
     def _remove(self, leaver: Participant, reason: str) -> list[Effect]:
         effects = self._close(leaver, messages.call_ended(self.call_id, reason), NORMAL_CLOSURE, reason)
         del self.participants[leaver.peer_id]
-        effects.append(Notify("participant_left", leaver.peer_id, reason))
+        effects.append(Notify("participant_left", leaver.peer_id, reason, leaver.identity, leaver.name))
         if not self.participants:
             return effects + self._end(reason)
         effects += self._update_status()
@@ -486,7 +516,11 @@ class Call:
     def state_for(
         self, p: Participant, event: str, subject: str, reason: str | None = None
     ) -> dict[str, Any]:
-        """The ``state`` frame as participant ``p`` sees it (``peer_id`` is always its own)."""
+        """The ``state`` frame as participant ``p`` sees it.
+
+        ``peer_id`` is always its own; ``peer`` (present once someone else has joined) is the
+        other participant: the first other one to have joined, in a call of more than two.
+        """
         state: dict[str, Any] = {
             "type": "state",
             "call_id": self.call_id,
@@ -503,6 +537,10 @@ class Call:
         }
         if reason is not None:
             state["reason"] = reason
+        other = next((o for o in self.participants.values() if o is not p), None)
+        if other is not None:
+            state["peer"] = {"peer_id": other.peer_id, "identity": other.identity, "name": other.name,
+                             "connected": other.conn is not None}
         return state
 
 
@@ -510,6 +548,7 @@ _HANDLERS: dict[type, str] = {
     Join: "_join",
     Leave: "_leave",
     End: "_end_by",
+    Remove: "_remove_by_admin",
     Connect: "_connect",
     Disconnect: "_disconnect",
     Receive: "_receive",

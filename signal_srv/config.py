@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
+from signal_srv import auth
 from signal_srv.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "Config", "ignored_environment", "load_config", "option_parser"]
@@ -85,6 +86,15 @@ class Config:
     webhook_timeout: float = 5.0
     webhook_retries: int = 3
     webhook_queue_size: int = 1000
+    auth: str = "none"
+    jwt_secret: str = field(default="", repr=False)
+    jwt_secret_file: str = ""
+    jwt_public_key: str = ""
+    jwks_url: str = ""
+    jwks_refresh_interval: float = 5.0
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway: float = 5.0
 
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Config))
@@ -134,6 +144,15 @@ _HELP = {
     "webhook_timeout": "seconds one webhook delivery attempt may take",
     "webhook_retries": "retries of a webhook delivery after a 5xx, a timeout or a connection error",
     "webhook_queue_size": "webhook events queued before new ones are dropped (and counted)",
+    "auth": "'none': anyone may create, join and list calls; 'jwt': only with the application's signed tokens",
+    "jwt_secret": "HS256 secret of the application's tokens, at least 32 bytes (set it in the environment)",
+    "jwt_secret_file": "path of a file holding the HS256 secret instead of jwt_secret",
+    "jwt_public_key": "path of a PEM public key verifying the tokens: RSA (RS256) or EC P-256 (ES256)",
+    "jwks_url": "URL of the JSON Web Key Set (JWKS) whose keys verify the tokens (RS256/ES256)",
+    "jwks_refresh_interval": "seconds at least between two JWKS fetches triggered by tokens of unknown keys",
+    "jwt_audience": "the aud claim every token must carry (empty: not checked)",
+    "jwt_issuer": "the iss claim every token must carry (empty: not checked)",
+    "jwt_leeway": "seconds of clock skew allowed on a token's exp, nbf and iat",
 }
 
 _TYPES = {bool: bool, int: int, float: float, str: str, tuple: str}
@@ -287,6 +306,40 @@ def _checked(c: Config) -> Config:
     _require(not c.webhook_url or bool(c.webhook_secret), "webhook_url", c.webhook_url,
              "needs webhook_secret to sign the events")
     _check_ice_servers(c.ice_servers)
+    return _checked_auth(c)
+
+
+def _checked_auth(c: Config) -> Config:
+    """The access-control options; reads ``jwt_secret_file`` into ``jwt_secret``. Never prints a secret."""
+    _require(c.auth in ("none", "jwt"), "auth", c.auth, "must be 'none' or 'jwt'")
+    _require(math.isfinite(c.jwt_leeway) and c.jwt_leeway >= 0, "jwt_leeway", c.jwt_leeway,
+             "must be a number of seconds >= 0")
+    _require(math.isfinite(c.jwks_refresh_interval) and c.jwks_refresh_interval > 0, "jwks_refresh_interval",
+             c.jwks_refresh_interval, "must be a number of seconds > 0")
+    sources = [name for name in ("jwt_secret", "jwt_secret_file", "jwt_public_key", "jwks_url") if getattr(c, name)]
+    if c.auth == "none":
+        if sources:
+            raise ConfigError(f"{sources[0]} is set but auth is 'none': set auth = 'jwt' to use it, or remove it")
+        return c
+    if len(sources) != 1:
+        raise ConfigError("auth=jwt needs exactly one of jwt_secret, jwt_secret_file, jwt_public_key, jwks_url"
+                          + (f" (set: {', '.join(sources)})" if sources else ""))
+    if c.jwt_secret_file:
+        try:
+            with open(c.jwt_secret_file, encoding="utf-8") as f:
+                c = dataclasses.replace(c, jwt_secret=f.read().rstrip("\r\n"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"jwt_secret_file: cannot read {c.jwt_secret_file!r}: "
+                              f"{getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
+    if c.jwt_secret and len(c.jwt_secret.encode()) < auth.MIN_SECRET_BYTES:
+        raise ConfigError(f"jwt_secret: must be at least {auth.MIN_SECRET_BYTES} bytes (RFC 7518 section 3.2)")
+    if c.jwt_public_key:
+        try:
+            auth.load_public_key(c.jwt_public_key)
+        except ValueError as exc:
+            raise ConfigError(f"jwt_public_key: {exc}") from None
+    _require(not c.jwks_url or c.jwks_url.startswith(("http://", "https://")), "jwks_url", c.jwks_url,
+             "must be an http:// or https:// URL")
     return c
 
 

@@ -5,9 +5,13 @@
     │   └── BadMessage (400 bad_message)
     │       └── UnknownType (400 unknown_type)
     ├── Unauthorized (401 unauthorized)
+    │   ├── MissingToken (401 unauthorized: no bearer token at all)
+    │   └── InvalidToken (401 unauthorized: a bad access token)
+    ├── Forbidden (403 forbidden)
     ├── NotFound (404 not_found)
-    │   └── CallNotFound (404 call_not_found)
-    │       └── CallEnded (404 call_not_found: the actor has stopped)
+    │   ├── CallNotFound (404 call_not_found)
+    │   │   └── CallEnded (404 call_not_found: the actor has stopped)
+    │   └── ParticipantNotFound (404 participant_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── CallFull (409 call_full)
     ├── NoPeer (409 no_peer)
@@ -34,9 +38,13 @@ __all__ = [
     "CallNotFound",
     "Capacity",
     "ConfigError",
+    "Forbidden",
+    "InvalidToken",
     "MethodNotAllowed",
+    "MissingToken",
     "NoPeer",
     "NotFound",
+    "ParticipantNotFound",
     "PayloadTooLarge",
     "RateLimited",
     "ShuttingDown",
@@ -74,7 +82,30 @@ class UnknownType(BadMessage):
 
 
 class Unauthorized(SignalError):
+    """401; ``challenge`` is the ``WWW-Authenticate`` value of the answer (RFC 6750 section 3)."""
+
     status, code, default_message = 401, "unauthorized", "missing or wrong peer token"
+    challenge = 'Bearer error="invalid_token"'
+
+
+class MissingToken(Unauthorized):
+    """No bearer token at all: RFC 6750 section 3.1 says the challenge then carries no error code."""
+
+    default_message = "send Authorization: Bearer <token>"
+    challenge = "Bearer"
+
+
+class InvalidToken(Unauthorized):
+    """An access token (JWT) that is malformed, expired, not yet valid, or not ours."""
+
+    default_message = "invalid token"
+
+
+class Forbidden(SignalError):
+    """A valid token without the grant the request needs, or for another call."""
+
+    status, code, default_message = 403, "forbidden", "the token does not allow this"
+    challenge = 'Bearer error="insufficient_scope"'
 
 
 class NotFound(SignalError):
@@ -87,6 +118,10 @@ class CallNotFound(NotFound):
 
 class CallEnded(CallNotFound):
     """The call's actor has stopped; to a client the call simply no longer exists."""
+
+
+class ParticipantNotFound(NotFound):
+    code, default_message = "participant_not_found", "no such participant in this call"
 
 
 class MethodNotAllowed(SignalError):

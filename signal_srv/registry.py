@@ -47,6 +47,12 @@ def new_ids(count: int) -> list[str]:
     return [base64.urlsafe_b64encode(raw[i:i + 16]).rstrip(b"=").decode() for i in range(0, 16 * count, 16)]
 
 
+def _who(peer_id: str | None, identity: str | None, name: str | None) -> dict[str, str]:
+    """A webhook's fields about a participant: its peer_id, and identity and name when it has them."""
+    fields = (("peer_id", peer_id), ("identity", identity), ("name", name))
+    return {key: value for key, value in fields if value is not None}
+
+
 @dataclass(frozen=True, slots=True)
 class Statistics:
     calls: int
@@ -103,10 +109,11 @@ class Registry:
 
     # Creating and finding calls --------------------------------------------------------
 
-    def create(self) -> Created:
+    def create(self, identity: str | None = None, name: str | None = None) -> Created:
         """Create a call with its host as first participant.
 
         Raises ``Capacity`` at ``max_calls``, ``ShuttingDown`` once ``close`` has begun.
+        ``identity`` and ``name``: who the host is in the application (from its access token).
         """
         self.check_capacity()
         call_id, peer_id, peer_token = new_ids(3)
@@ -120,7 +127,7 @@ class Registry:
             heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
             metrics=self.metrics, on_notify=self._notify if self.webhooks is not None else None,
         )
-        joined = actor.start(peer_id, peer_token)
+        joined = actor.start(peer_id, peer_token, identity, name)
         self._actors[call_id] = actor
         self._by_order[order] = actor
         self._order[Status.WAITING].append(order)
@@ -131,7 +138,7 @@ class Registry:
         actor.log.info("call %s created", call_id)
         if self.webhooks is not None:
             self.webhooks.start()
-            self.webhooks.emit("call_created", call_id, peer_id=peer_id)
+            self.webhooks.emit("call_created", call_id, **_who(peer_id, identity, name))
         return Created(actor, peer_id, peer_token, joined)
 
     def check_capacity(self) -> None:
@@ -160,12 +167,12 @@ class Registry:
         if actor is not None:
             await asyncio.wait_for(asyncio.shield(actor.finished), timeout)
 
-    def list(self, status: Status | None = None, limit: int = 50) -> list[CallSummary]:
-        """Summaries of live calls, newest first, optionally of one status."""
-        return [actor.summary() for actor in itertools.islice(self._newest(status), limit)]
+    def list(self, status: Status | None = None, limit: int = 50, peers: bool = False) -> list[CallSummary]:
+        """Summaries of live calls, newest first, optionally of one status (``peers``: with participants)."""
+        return [actor.summary(peers) for actor in itertools.islice(self._newest(status), limit)]
 
-    def newest_waiting(self) -> CallSummary | None:
-        return next((a.summary() for a in self._newest(Status.WAITING)), None)
+    def newest_waiting(self, peers: bool = False) -> CallSummary | None:
+        return next((a.summary(peers) for a in self._newest(Status.WAITING)), None)
 
     def _newest(self, status: Status | None) -> Iterator[CallActor]:
         statuses = [status] if status is not None else [Status.WAITING, Status.ACTIVE]
@@ -184,7 +191,9 @@ class Registry:
 
     def _notify(self, actor: CallActor, effect: Notify) -> None:
         assert self.webhooks is not None
-        fields = {k: v for k, v in (("peer_id", effect.peer_id), ("reason", effect.reason)) if v is not None}
+        fields = _who(effect.peer_id, effect.identity, effect.name)
+        if effect.reason is not None:
+            fields["reason"] = effect.reason
         self.webhooks.emit(effect.event, actor.call_id, **fields)
 
     def _unindex(self, actor: CallActor, status: Status) -> None:

@@ -15,11 +15,14 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from signal_srv import messages, turn
 from signal_srv.actor import CallSummary, Joined
-from signal_srv.call import End, Identify, Join, Leave, Status
+from signal_srv.auth import Claims, Verifier, looks_like_jwt
+from signal_srv.call import End, Identify, Join, Leave, Remove, Status
 from signal_srv.config import Config
 from signal_srv.errors import (
     BadRequest,
     Capacity,
+    Forbidden,
+    MissingToken,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -46,6 +49,7 @@ __all__ = [
     "MetricsHandler",
     "NotFoundHandler",
     "ReadyHandler",
+    "RemoveHandler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,6 +91,8 @@ class JsonHandler(RequestHandler):
             self.metrics.errors[code] += 1
         self.clear()
         self.set_default_headers()
+        if isinstance(exc, (Unauthorized, Forbidden)):
+            self.set_header("WWW-Authenticate", exc.challenge)
         if isinstance(exc, RateLimited):
             self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
         elif status in RETRY_AFTER:
@@ -108,18 +114,22 @@ class JsonHandler(RequestHandler):
 
 @stream_request_body
 class ApiHandler(JsonHandler):
-    """JSON in and out for the call API, with the server's registry, config and limits."""
+    """JSON in and out for the call API, with the server's registry, config, limits and token verifier."""
 
     registry: Registry
     config: Config
     limits: Limits
     metrics: Metrics
+    auth: Verifier | None
 
-    def initialize(self, registry: Registry, config: Config, limits: Limits, metrics: Metrics) -> None:
+    def initialize(
+        self, registry: Registry, config: Config, limits: Limits, metrics: Metrics, auth: Verifier | None = None
+    ) -> None:
         self.registry = registry
         self.config = config
         self.limits = limits
         self.metrics = metrics
+        self.auth = auth
         self._body = bytearray()
         self._too_large = False
 
@@ -164,18 +174,45 @@ class ApiHandler(JsonHandler):
         c = self.config
         return turn.ice_servers(c.ice_servers, c.turn_uris, c.turn_secret, peer_id, time.time(), c.turn_credential_ttl)
 
-    def credentials(self, joined: Joined, peer_id: str, token: str) -> dict[str, Any]:
-        """The answer to a create or a join: the call, the peer's secret and its ICE servers."""
+    def credentials(self, joined: Joined, peer_id: str, token: str, claims: Claims | None) -> dict[str, Any]:
+        """The answer to a create or a join: the call, the peer's secret and its ICE servers.
+
+        With ``auth=jwt`` also who the peer is (``identity``, ``name``), from its access token.
+        """
         body = joined.summary.to_dict()
         body.update(role=joined.role, polite=joined.polite, peer_id=peer_id, peer_token=token,
                     ice_servers=self.ice_servers(peer_id))
+        if claims is not None:
+            body.update(identity=claims.identity, name=claims.name)
         return body
 
-    def bearer_token(self) -> str:
+    def bearer_token(self, what: str = "peer_token") -> str:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("send Authorization: Bearer <peer_token>")
+            raise MissingToken(f"send Authorization: Bearer <{what}>")
         return token.strip()
+
+    async def authorize(self, *grants: str, call_id: str | None = None, token: str | None = None) -> Claims | None:
+        """With ``auth=jwt``: the caller's verified access token, holding ``grants`` and valid for ``call_id``.
+
+        None with ``auth=none``. Raises ``Unauthorized`` (401) for a missing or bad token and
+        ``Forbidden`` (403) for a good one that does not allow the request.
+        """
+        if self.auth is None:
+            return None
+        claims = await self.auth.verify(token or self.bearer_token("access token"))
+        claims.require(*grants, call_id=call_id)
+        return claims
+
+
+def _admin(claims: Claims | None) -> bool:
+    """Whether the answer may show who is in a call: only to a token with the admin grant."""
+    return claims is not None and claims.admin
+
+
+def _who(claims: Claims | None) -> tuple[str | None, str | None]:
+    """The identity and name a new participant carries (None, None with ``auth=none``)."""
+    return (claims.identity, claims.name) if claims is not None else (None, None)
 
 
 def _allowed_methods(cls: type[RequestHandler]) -> list[str]:
@@ -187,29 +224,32 @@ def _allowed_methods(cls: type[RequestHandler]) -> list[str]:
 class CallsHandler(ApiHandler):
     """``POST /apiv2/calls`` creates a call; ``GET /apiv2/calls`` lists live calls."""
 
-    def post(self) -> None:
+    async def post(self) -> None:
         self.json_body()
+        reuse_last = self._flag("reuse_last")
         self.check_rate(self.limits.create, "create")
-        if self._flag("reuse_last"):
-            newest = self.registry.newest_waiting()
+        claims = await self.authorize("create", *(("list", "join") if reuse_last else ()))
+        if reuse_last:
+            newest = self.registry.newest_waiting(_admin(claims))
             if newest is not None:
                 self.reply(200, {**newest.to_dict(), "reused": True})
                 return
-        created = self.registry.create()
+        created = self.registry.create(*_who(claims))
         joined = created.joined
         self.set_header("Location", f"/apiv2/calls/{created.actor.call_id}")
-        self.reply(201, self.credentials(joined, created.peer_id, created.peer_token))
+        self.reply(201, self.credentials(joined, created.peer_id, created.peer_token, claims))
 
-    def get(self) -> None:
+    async def get(self) -> None:
         if self.config.list_calls == "off":
             raise NotFound("listing calls is turned off on this server")
+        claims = await self.authorize("list")
         status = self.get_query_argument("status", None)
         if status not in (None, Status.WAITING.value, Status.ACTIVE.value):
             raise BadRequest("status must be 'waiting' or 'active'")
         limit_text = self.get_query_argument("limit", str(DEFAULT_LIMIT))
         if not messages.is_decimal(limit_text) or not 1 <= int(limit_text) <= MAX_LIMIT:
             raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
-        calls = self.registry.list(Status(status) if status else None, int(limit_text))
+        calls = self.registry.list(Status(status) if status else None, int(limit_text), _admin(claims))
         self.reply(200, {"calls": [c.to_dict() for c in calls]})
 
     def _flag(self, name: str) -> bool:
@@ -229,8 +269,9 @@ class CurrentCallHandler(ApiHandler):
 class CallHandler(ApiHandler):
     """``GET /apiv2/calls/<call_id>``."""
 
-    def get(self, call_id: str) -> None:
-        self.reply(200, self.registry.get(call_id).summary().to_dict())
+    async def get(self, call_id: str) -> None:
+        claims = await self.authorize(call_id=call_id)
+        self.reply(200, self.registry.get(call_id).summary(_admin(claims)).to_dict())
 
 
 class JoinHandler(ApiHandler):
@@ -239,10 +280,11 @@ class JoinHandler(ApiHandler):
     async def post(self, call_id: str) -> None:
         self.json_body()
         self.check_rate(self.limits.join, "join")
+        claims = await self.authorize("join", call_id=call_id)
         actor = self.registry.get(call_id)
         peer_id, token = new_ids(2)
-        joined: Joined = await actor.ask(Join(peer_id, token), self.config.ask_timeout)
-        self.reply(200, self.credentials(joined, peer_id, token))
+        joined: Joined = await actor.ask(Join(peer_id, token, *_who(claims)), self.config.ask_timeout)
+        self.reply(200, self.credentials(joined, peer_id, token, claims))
 
 
 class LeaveHandler(ApiHandler):
@@ -256,12 +298,36 @@ class LeaveHandler(ApiHandler):
 
 
 class EndHandler(ApiHandler):
-    """``POST /apiv2/calls/<call_id>/end`` ends the call for everyone."""
+    """``POST /apiv2/calls/<call_id>/end`` ends the call for everyone.
+
+    By a participant (its peer token), or with ``auth=jwt`` by an access token with ``admin``.
+    """
 
     async def post(self, call_id: str) -> None:
         self.json_body()
         token = self.bearer_token()
-        summary: CallSummary = await self.registry.get(call_id).ask(End(token), self.config.ask_timeout)
+        if self.auth is not None and looks_like_jwt(token):
+            await self.authorize("admin", call_id=call_id, token=token)
+            end = End(None)
+        else:
+            end = End(token)
+        summary: CallSummary = await self.registry.get(call_id).ask(end, self.config.ask_timeout)
+        self.reply(200, summary.to_dict())
+
+
+class RemoveHandler(ApiHandler):
+    """``POST /apiv2/calls/<call_id>/participants/<peer_id>/remove``: an administrator removes a participant.
+
+    The participant leaves with reason ``removed``; it needs ``auth=jwt`` and an ``admin`` token.
+    """
+
+    async def post(self, call_id: str, peer_id: str) -> None:
+        self.json_body()
+        token = self.bearer_token("access token")
+        if self.auth is None:
+            raise Forbidden("removing a participant needs auth=jwt and an access token with the admin grant")
+        await self.authorize("admin", call_id=call_id, token=token)
+        summary: CallSummary = await self.registry.get(call_id).ask(Remove(peer_id), self.config.ask_timeout)
         self.reply(200, summary.to_dict())
 
 

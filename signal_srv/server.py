@@ -13,6 +13,7 @@ from typing import Sequence
 from tornado.web import Application
 
 from signal_srv.app import make_app, make_metrics_app
+from signal_srv.auth import Verifier
 from signal_srv.config import Config, ignored_environment, load_config
 from signal_srv.drain import DrainingHTTPServer
 from signal_srv.errors import ConfigError
@@ -42,6 +43,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     app = make_app(config)
     registry: Registry = app.settings["registry"]
+    auth: Verifier | None = app.settings["auth"]
     servers = [make_server(app, config)]
     servers[0].listen(config.port, config.address)
     if config.metrics_port:
@@ -63,6 +65,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
             # Closed first, a request still waiting for its body ends quietly; cancelled at exit,
             # its handler would answer (and log) a 500.
             await server.close_all_connections()
+    if auth is not None:
+        auth.close()
     logger.info("signal_srv stopped")
 
 

@@ -23,13 +23,14 @@ from signal_srv.call import (
     Notify,
     Leave,
     Receive,
+    Remove,
     Send,
     Shutdown,
     Status,
     StatusChanged,
     is_expired,
 )
-from signal_srv.errors import BufferFull, CallEnded, CallFull, NoPeer, SignalError, Unauthorized
+from signal_srv.errors import BufferFull, CallEnded, CallFull, NoPeer, ParticipantNotFound, SignalError, Unauthorized
 from signal_srv.messages import Ping, Relay
 
 TTL = 10.0
@@ -59,7 +60,7 @@ def sends(effects: list, conn: int) -> list[dict]:
 
 
 ALL_EVENTS = [
-    Join("new", "tn"), Leave("t0"), End("t0"), Connect("p0", "t0", 1), Disconnect(1),
+    Join("new", "tn"), Leave("t0"), End("t0"), End(None), Remove("p0"), Connect("p0", "t0", 1), Disconnect(1),
     Receive(1, Ping()), Identify("t0"), Expire(), Shutdown(),
 ]
 
@@ -153,6 +154,7 @@ def test_connect_sends_state_to_every_connected_participant() -> None:
     assert sends(first, 10) == [{
         "type": "state", "call_id": "c1", "status": "active", "peer_id": "p0", "polite": False,
         "participants": {"count": 2, "connected": 1, "max": 2}, "event": "connected", "subject": "p0", "seq": 0,
+        "peer": {"peer_id": "p1", "identity": None, "name": None, "connected": False},
     }]
     second = call.handle(Connect("p1", "t1", 11), 1.0)
     assert [m["peer_id"] for m in sends(second, 10)] == ["p0"]
@@ -419,3 +421,42 @@ def test_resume_buffer_is_bounded_in_bytes() -> None:
     for _ in range(10):
         call.handle(Receive(10, Relay("message", "x" * 300)), 2.0)
     assert call.participant("p1").sent_bytes <= 1000
+
+
+def test_state_shows_each_participant_the_other_with_identity_and_name() -> None:
+    call = Call("c1", 0.0, RULES)
+    call.handle(Join("p0", "t0", "alice@app", "Alice"), 0.0)
+    alone = sends(call.handle(Connect("p0", "t0", 10), 1.0), 10)[0]
+    assert "peer" not in alone and alone["peer_id"] == "p0"
+    joined = call.handle(Join("p1", "t1", "bob@app", None), 1.0)
+    assert Notify("participant_joined", "p1", None, "bob@app", None) in joined
+    seen_by_host = sends(joined, 10)[0]
+    assert (seen_by_host["peer_id"], seen_by_host["subject"]) == ("p0", "p1")
+    assert seen_by_host["peer"] == {"peer_id": "p1", "identity": "bob@app", "name": None, "connected": False}
+    seen_by_guest = sends(call.handle(Connect("p1", "t1", 11), 2.0), 11)[0]
+    assert seen_by_guest["peer_id"] == "p1"
+    assert seen_by_guest["peer"] == {"peer_id": "p0", "identity": "alice@app", "name": "Alice", "connected": True}
+
+
+def test_remove_takes_a_participant_out_with_reason_removed() -> None:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Connect("p1", "t1", 11), 1.0)
+    effects = call.handle(Remove("p1"), 2.0)
+    assert sends(effects, 11)[-1]["type"] == "call_ended" and sends(effects, 11)[-1]["reason"] == "removed"
+    assert Close(11, 1000, "removed") in effects
+    left = sends(effects, 10)[-1]
+    assert (left["event"], left["subject"], left["reason"], left["status"]) == ("left", "p1", "removed", "waiting")
+    assert "peer" not in left
+    assert Notify("participant_left", "p1", "removed") in effects
+    assert list(call.participants) == ["p0"]
+    with pytest.raises(ParticipantNotFound):
+        call.handle(Remove("p1"), 3.0)
+    call.handle(Remove("p0"), 3.0)
+    assert call.status is Status.ENDED and call.end_reason == "removed"
+
+
+def test_an_administrators_end_needs_no_peer_token() -> None:
+    call = make_call(2)
+    effects = call.handle(End(None), 1.0)
+    assert effects[-1] == StatusChanged(Status.ACTIVE, Status.ENDED, "ended")

@@ -36,6 +36,7 @@ from signal_srv.app import make_app
 from signal_srv.config import Config
 from signal_srv.openapi import OPENAPI_PATH, OpenApiHandler, load_document
 from signal_srv.registry import Registry
+from signal_srv.tokens import mint
 from tests.conftest import TIMEOUT
 
 DOC = load_document()
@@ -46,6 +47,16 @@ BIG = b"x" * 5000  # over the test config's max_body_size (4096)
 
 # The removed v2 route: its handler refuses every method with 404 not_found in prepare().
 REMOVED = {"/apiv2/calls/current"}
+
+# Settings of a server with access control, and tokens it accepts.
+SECRET = "openapi-test-secret-of-32-bytes-or-more"
+JWT = {"auth": "jwt", "jwt_secret": SECRET}
+UNKNOWN_CALL = "AAAAAAAAAAAAAAAAAAAAAA"
+
+
+def access(*grants: str, **claims: Any) -> dict[str, str]:
+    """``Authorization`` with an access token for ``alice`` holding ``grants``."""
+    return bearer(mint(SECRET, "alice", grants=grants, **claims))
 
 
 @pytest.fixture
@@ -61,7 +72,7 @@ def app(config: Config, registry: Registry) -> Application:
 
 
 def _openapi_path(pattern: str) -> str:
-    path = pattern.rstrip("$").replace("([^/]+)", "{call_id}").replace(r"\.", ".")
+    path = pattern.rstrip("$").replace("([^/]+)", "{call_id}", 1).replace("([^/]+)", "{peer_id}").replace(r"\.", ".")
     assert not re.search(r"[()\[\]\\*+?^$]", path), f"cannot read route pattern {pattern!r}"
     return path
 
@@ -164,13 +175,13 @@ class Ctx:
             raise_error=False,
         )
 
-    async def create(self) -> dict[str, Any]:
-        response = await self.fetch("POST", "/apiv2/calls")
+    async def create(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        response = await self.fetch("POST", "/apiv2/calls", headers=headers)
         assert response.code == 201, response.body
         return dict(json.loads(response.body))
 
-    async def join(self, call_id: str) -> dict[str, Any]:
-        response = await self.fetch("POST", f"/apiv2/calls/{call_id}/join")
+    async def join(self, call_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        response = await self.fetch("POST", f"/apiv2/calls/{call_id}/join", headers=headers)
         assert response.code == 200, response.body
         return dict(json.loads(response.body))
 
@@ -394,6 +405,117 @@ for _action in ("leave", "end"):
             "POST", f"/apiv2/calls/{host['call_id']}/{action}", headers=bearer(other["peer_token"])))
 
 
+# Access control (auth=jwt): 401 without a good token, 403 without the grant
+@scenario("/apiv2/calls", "post", 401, **JWT)
+async def create_without_token(c: Ctx) -> HTTPResponse:
+    return await c.fetch("POST", "/apiv2/calls")
+
+
+@scenario("/apiv2/calls", "post", 403, **JWT)
+async def create_without_grant(c: Ctx) -> HTTPResponse:
+    return await c.fetch("POST", "/apiv2/calls", headers=access("join", "list"))
+
+
+@scenario("/apiv2/calls", "get", 401, **JWT)
+async def list_with_malformed_token(c: Ctx) -> HTTPResponse:
+    return await c.fetch("GET", "/apiv2/calls", headers=bearer("not.a.token"))
+
+
+@scenario("/apiv2/calls", "get", 403, **JWT)
+async def list_without_grant(c: Ctx) -> HTTPResponse:
+    return await c.fetch("GET", "/apiv2/calls", headers=access("create", "join"))
+
+
+@scenario("/apiv2/calls/{call_id}", "get", 401, **JWT)
+async def get_call_with_expired_token(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    return await c.fetch("GET", f"/apiv2/calls/{host['call_id']}", headers=access(ttl=60, now=0))
+
+
+@scenario("/apiv2/calls/{call_id}", "get", 403, **JWT)
+async def get_call_of_another_token(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    return await c.fetch("GET", f"/apiv2/calls/{host['call_id']}", headers=access(call_id=UNKNOWN_CALL))
+
+
+@scenario("/apiv2/calls/{call_id}/join", "post", 401, **JWT)
+async def join_without_token(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/join")
+
+
+@scenario("/apiv2/calls/{call_id}/join", "post", 403, **JWT)
+async def join_with_a_token_for_another_call(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/join", headers=access("join", call_id=UNKNOWN_CALL))
+
+
+@scenario("/apiv2/calls/{call_id}/end", "post", 403, **JWT)
+async def end_with_a_token_without_admin(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/end", headers=access("create", "join", "list"))
+
+
+# POST /apiv2/calls/{call_id}/participants/{peer_id}/remove
+_REMOVE = "/apiv2/calls/{call_id}/participants/{peer_id}/remove"
+
+
+@scenario(_REMOVE, "post", 200, **JWT)
+async def remove(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    guest = await c.join(host["call_id"], access("join"))
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{guest['peer_id']}/remove",
+                         headers=access("admin"))
+
+
+@scenario(_REMOVE, "post", 400)
+async def remove_bad_body(c: Ctx) -> HTTPResponse:
+    host = await c.create()
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove",
+                         body=b"[]", headers=JSON)
+
+
+@scenario(_REMOVE, "post", 401, **JWT)
+async def remove_without_token(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove")
+
+
+@scenario(_REMOVE, "post", 403)
+async def remove_without_access_control(c: Ctx) -> HTTPResponse:
+    host = await c.create()
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove",
+                         headers=bearer(host["peer_token"]))
+
+
+@scenario(_REMOVE, "post", 404, **JWT)
+async def remove_unknown_participant(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{UNKNOWN_CALL}/remove",
+                         headers=access("admin"))
+
+
+@scenario(_REMOVE, "post", 413)
+async def remove_too_large(c: Ctx) -> HTTPResponse:
+    host = await c.create()
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove",
+                         body=BIG, headers=JSON)
+
+
+@scenario(_REMOVE, "post", 415)
+async def remove_not_json(c: Ctx) -> HTTPResponse:
+    host = await c.create()
+    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove",
+                         body=b"x", headers={"Content-Type": "text/plain"})
+
+
+@scenario(_REMOVE, "post", 503, mailbox_size=1, **JWT)
+async def remove_busy(c: Ctx) -> HTTPResponse:
+    host = await c.create(access("create"))
+    return await c.until_busy(lambda: c.fetch(
+        "POST", f"/apiv2/calls/{host['call_id']}/participants/{UNKNOWN_CALL}/remove", headers=access("admin")))
+
+
 # GET /apiv2/config
 @scenario("/apiv2/config", "get", 200, ice_servers='[{"urls": "stun:stun.invalid:3478"}]')
 async def client_config(c: Ctx) -> HTTPResponse:
@@ -549,7 +671,8 @@ _405_CASES = [
 async def test_undocumented_methods_get_405_with_allow(path: str, base_url: str, log_guard: Any) -> None:
     """Every other method answers 405 method_not_allowed, and Allow lists the documented ones."""
     c = Ctx(base_url, log_guard)
-    target = path.replace("{call_id}", (await c.create())["call_id"])
+    host = await c.create()
+    target = path.replace("{call_id}", host["call_id"]).replace("{peer_id}", host["peer_id"])
     allowed = documented_methods(path)
     for method in sorted(set(METHODS) - allowed):
         response = await c.fetch(method.upper(), target, body=b"" if method in ("post", "put", "patch") else None)

@@ -23,6 +23,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.simple_httpclient import HTTPTimeoutError
 
 from signal_srv.errors import Forbidden, InvalidToken
 
@@ -281,7 +282,7 @@ class JwksKeys:
         return _parse_jwks(response.body)
 
     def _failed(self, exc: Exception) -> None:
-        why = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
+        why = _describe(exc)
         if self._failing:
             logger.debug("JWKS fetch from %s failed again: %s", _safe_url(self.url), why)
         else:
@@ -292,6 +293,17 @@ class JwksKeys:
     def close(self) -> None:
         if self._fetch is not None:
             self._fetch.cancel()
+
+
+def _describe(exc: Exception) -> str:
+    """A short cause for a log line; never the URL (it may carry credentials)."""
+    if isinstance(exc, ValueError):
+        return str(exc)
+    if isinstance(exc, HTTPTimeoutError):
+        return "timeout"
+    if isinstance(exc, OSError):
+        return f"connection error ({exc.strerror or type(exc).__name__})"
+    return type(exc).__name__
 
 
 def _parse_jwks(body: bytes) -> dict[str | None, tuple[Any, str]]:

@@ -41,11 +41,16 @@ class ConnectionClosed(Exception):
 
 
 class SignalingClient:
-    """REST calls against ``base_url`` (e.g. ``http://127.0.0.1:8080``) and socket connects."""
+    """REST calls against ``base_url`` (e.g. ``http://127.0.0.1:8080``) and socket connects.
 
-    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    ``access_token``: for a server with ``auth=jwt``, the application's token sent on create,
+    join, list and get (each of those methods also takes one of its own).
+    """
+
+    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT, access_token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.access_token = access_token
         self.http = AsyncHTTPClient()
 
     async def request(
@@ -72,25 +77,33 @@ class SignalingClient:
             raise ApiError(status, error.get("code", "unknown"), error.get("message", ""))
         return data
 
-    async def create_call(self, *, reuse_last: bool = False) -> dict[str, Any]:
+    async def create_call(self, *, reuse_last: bool = False, access_token: str | None = None) -> dict[str, Any]:
         """Create a call; its host credentials are in the answer."""
-        return await self._call("POST", "/apiv2/calls" + ("?reuse_last=true" if reuse_last else ""))
+        path = "/apiv2/calls" + ("?reuse_last=true" if reuse_last else "")
+        return await self._call("POST", path, access_token or self.access_token)
 
-    async def list_calls(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    async def list_calls(
+        self, status: str | None = None, limit: int | None = None, *, access_token: str | None = None
+    ) -> list[dict[str, Any]]:
         query = urlencode({k: v for k, v in (("status", status), ("limit", limit)) if v is not None})
-        data = await self._call("GET", "/apiv2/calls" + (f"?{query}" if query else ""))
+        data = await self._call("GET", "/apiv2/calls" + (f"?{query}" if query else ""), access_token or self.access_token)
         return list(data["calls"])
 
-    async def get_call(self, call_id: str) -> dict[str, Any]:
-        return await self._call("GET", f"/apiv2/calls/{call_id}")
+    async def get_call(self, call_id: str, *, access_token: str | None = None) -> dict[str, Any]:
+        return await self._call("GET", f"/apiv2/calls/{call_id}", access_token or self.access_token)
 
-    async def join(self, call_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/apiv2/calls/{call_id}/join")
+    async def join(self, call_id: str, *, access_token: str | None = None) -> dict[str, Any]:
+        return await self._call("POST", f"/apiv2/calls/{call_id}/join", access_token or self.access_token)
+
+    async def remove(self, call_id: str, peer_id: str, access_token: str) -> dict[str, Any]:
+        """Remove a participant (an access token with the admin grant)."""
+        return await self._call("POST", f"/apiv2/calls/{call_id}/participants/{peer_id}/remove", access_token)
 
     async def leave(self, call_id: str, token: str) -> dict[str, Any]:
         return await self._call("POST", f"/apiv2/calls/{call_id}/leave", token)
 
     async def end(self, call_id: str, token: str) -> dict[str, Any]:
+        """End a call: ``token`` is a participant's peer token, or an access token with the admin grant."""
         return await self._call("POST", f"/apiv2/calls/{call_id}/end", token)
 
     async def ice_servers(self) -> list[dict[str, Any]]:

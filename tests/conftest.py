@@ -40,8 +40,11 @@ def registry(config: Config, io_loop: IOLoop) -> Iterator[Registry]:
 
 
 @pytest.fixture
-def app(config: Config, registry: Registry) -> Application:
-    return make_app(config, registry)
+def app(config: Config, registry: Registry) -> Iterator[Application]:
+    application = make_app(config, registry)
+    yield application
+    if application.settings["auth"] is not None:
+        application.settings["auth"].close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,69 @@ def test_a_bad_flag_or_conf_value_still_exits_2_among_service_links(
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("signal-srv: configuration error: ") and result.stderr.count("\n") == 1
     assert expected in result.stderr
+
+
+# Access control options -----------------------------------------------------------------
+
+JWT_SECRET = "a-secret-for-the-config-tests-0123456789"
+
+
+def _pem(tmp_path: Path, key: object, name: str = "key.pem") -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    path = tmp_path / name
+    path.write_bytes(key.public_key().public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return str(path)
+
+
+def test_jwt_secret_comes_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    config = load_config(["signal-srv"], {"SIGNAL_SRV_AUTH": "jwt", "SIGNAL_SRV_JWT_SECRET": JWT_SECRET})
+    assert (config.auth, config.jwt_secret) == ("jwt", JWT_SECRET)
+    assert JWT_SECRET not in repr(config)
+    secret_file = tmp_path / "jwt.secret"
+    secret_file.write_text(JWT_SECRET + "\n")
+    config = load_config(["signal-srv", "--auth=jwt", f"--jwt_secret_file={secret_file}"], {})
+    assert config.jwt_secret == JWT_SECRET
+
+
+def test_a_pem_public_key_is_checked_at_load(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    good = _pem(tmp_path, ec.generate_private_key(ec.SECP256R1()))
+    assert load_config(["signal-srv", "--auth=jwt", f"--jwt_public_key={good}"], {}).jwt_public_key == good
+    for key, message in ((rsa.generate_private_key(public_exponent=65537, key_size=1024), "has 1024 bits"),
+                         (ec.generate_private_key(ec.SECP384R1()), "must be an RSA key (RS256) or an EC P-256 key")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(["signal-srv", "--auth=jwt", f"--jwt_public_key={_pem(tmp_path, key, 'bad.pem')}"], {})
+    (tmp_path / "junk.pem").write_text("-----BEGIN PUBLIC KEY-----\nnope\n")
+    with pytest.raises(ConfigError, match="is not a PEM public key"):
+        load_config(["signal-srv", "--auth=jwt", f"--jwt_public_key={tmp_path / 'junk.pem'}"], {})
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--auth=ldap"], "auth='ldap': must be 'none' or 'jwt'"),
+    (["--auth=jwt"], "auth=jwt needs exactly one of jwt_secret, jwt_secret_file, jwt_public_key, jwks_url"),
+    (["--auth=jwt", f"--jwt_secret={JWT_SECRET}", "--jwks_url=https://app.example/jwks.json"],
+     "(set: jwt_secret, jwks_url)"),
+    (["--auth=jwt", "--jwt_secret=short"], "jwt_secret: must be at least 32 bytes (RFC 7518 section 3.2)"),
+    (["--auth=jwt", "--jwt_secret_file=/does/not/exist"], "jwt_secret_file: cannot read '/does/not/exist'"),
+    (["--auth=jwt", "--jwt_public_key=/does/not/exist.pem"], "jwt_public_key: cannot read '/does/not/exist.pem'"),
+    (["--auth=jwt", "--jwks_url=ftp://app.example/jwks"], "jwks_url='ftp://app.example/jwks': must be an http"),
+    ([f"--jwt_secret={JWT_SECRET}"], "jwt_secret is set but auth is 'none'"),
+    (["--jwt_leeway=-1"], "jwt_leeway=-1.0: must be a number of seconds >= 0"),
+    (["--jwks_refresh_interval=0"], "jwks_refresh_interval=0.0: must be a number of seconds > 0"),
+])
+def test_bad_access_control_options_fail_at_load(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(["signal-srv", *argv], {})
+    assert message in str(info.value)
+    assert JWT_SECRET not in str(info.value)
+
+
+def test_a_bad_secret_stops_the_server_without_printing_it() -> None:
+    secret = "tooshort-but-secret"
+    result = run_server(env={"SIGNAL_SRV_AUTH": "jwt", "SIGNAL_SRV_JWT_SECRET": secret})
+    assert result.returncode == 2
+    assert result.stderr == ("signal-srv: configuration error: jwt_secret: must be at least 32 bytes "
+                             "(RFC 7518 section 3.2)\n")

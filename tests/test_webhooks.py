@@ -423,3 +423,23 @@ async def test_a_hanging_receiver_never_delays_create_join_or_relay(
     assert 'signal_srv_webhooks_total{outcome="dropped"} 2.0' in response.body.decode()
     a.close()
     b.close()
+
+
+JWT_SECRET = "a-webhook-test-secret-of-32-bytes-and-more"
+
+
+@pytest.mark.settings(webhook_url=RECEIVER, webhook_secret=SECRET, auth="jwt", jwt_secret=JWT_SECRET)
+async def test_events_carry_the_participants_identity(client: SignalingClient, receiver: Receiver) -> None:
+    from signal_srv.tokens import mint
+
+    host = await client.create_call(access_token=mint(JWT_SECRET, "alice", grants=["create"], name="Alice"))
+    guest = await client.join(host["call_id"], access_token=mint(JWT_SECRET, "bob", grants=["join"]))
+    await client.remove(host["call_id"], guest["peer_id"], mint(JWT_SECRET, "ops", grants=["admin"]))
+    await client.end(host["call_id"], host["peer_token"])
+    got = [r.json for r in await receiver.take(4)]
+    assert [(b["event"], b.get("peer_id"), b.get("identity"), b.get("name"), b.get("reason")) for b in got] == [
+        ("call_created", host["peer_id"], "alice", "Alice", None),
+        ("participant_joined", guest["peer_id"], "bob", None, None),
+        ("participant_left", guest["peer_id"], "bob", None, "removed"),
+        ("call_ended", None, None, None, "ended"),
+    ]

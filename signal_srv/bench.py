@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import gc
 import itertools
 import json
@@ -212,10 +213,11 @@ class Http(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(ConnectionError("connection lost"))
 
-    async def post(self, path: str) -> tuple[int, bytes]:
+    async def post(self, path: str, headers: str = "") -> tuple[int, bytes]:
+        """``headers``: extra header lines, each ending in CRLF."""
         assert self.transport is not None
         self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode())
+        self.transport.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Length: 0\r\n\r\n".encode())
         return await self.waiter
 
 
@@ -317,21 +319,25 @@ class Target:
     kind: str
     server: Spawned
     port: int
+    headers: str = ""  # with auth=jwt: the Authorization line of an access token (create and join)
 
     @property
     def create_path(self) -> str:
         return "/apiv2/calls" if self.kind == SIGNAL else "/calls"
 
+    async def create(self, http: Http) -> tuple[int, bytes]:
+        return await http.post(self.create_path, self.headers)
+
     async def pair_paths(self, http: Http) -> tuple[str, str]:
         """Create (and for signal_srv, join) one call; the two sockets' paths."""
-        status, body = await http.post(self.create_path)
+        status, body = await self.create(http)
         if status not in (200, 201):
             raise ConnectionError(f"create answered {status}: {body[:200]!r}")
         created = json.loads(body)
         if self.kind == FLOOR:
             path = "/ws?" + urlencode({"key": created["id"]})
             return path, path
-        status, body = await http.post(f"/apiv2/calls/{created['call_id']}/join")
+        status, body = await http.post(f"/apiv2/calls/{created['call_id']}/join", self.headers)
         if status != 200:
             raise ConnectionError(f"join answered {status}: {body[:200]!r}")
         joined = json.loads(body)
@@ -429,7 +435,7 @@ async def post_rate(target: Target, concurrency: int, seconds: float) -> dict[st
     async def worker(http: Http, until: float) -> None:
         while loop.time() < until:
             t = time.perf_counter()
-            status, _ = await http.post(target.create_path)
+            status, _ = await target.create(http)
             if status in (200, 201):
                 latencies.append(1000.0 * (time.perf_counter() - t))
 
@@ -519,7 +525,7 @@ async def create_latency(target: Target, count: int) -> dict[str, Any]:
     latencies = []
     for _ in range(count):
         t = time.perf_counter()
-        await http.post(target.create_path)
+        await target.create(http)
         latencies.append(1000.0 * (time.perf_counter() - t))
     assert http.transport is not None
     http.transport.close()
@@ -536,20 +542,27 @@ def helper_argv(*args: str) -> list[str]:
     return [sys.executable, "-c", RUN_BY_PATH, os.path.abspath(__file__), *args]
 
 
-def start(kind: str, calls: int, server_dir: str | None) -> Target:
+def start(kind: str, calls: int, server_dir: str | None, auth: str = "none") -> Target:
+    """A fresh server of ``kind``; signal_srv with ``auth="jwt"`` gets a random secret, and the
+    target an access token minted with it (grants create and join) for every create and join."""
     from signal_srv.stress import free_port, spawn, spawn_server
+    from signal_srv.tokens import mint
 
+    headers = ""
     if kind == SIGNAL:
-        server = spawn_server(calls, cpu=SERVER_CPU, server_dir=server_dir)
+        secret = base64.urlsafe_b64encode(os.urandom(32)).decode() if auth == "jwt" else ""
+        server = spawn_server(calls, cpu=SERVER_CPU, server_dir=server_dir, jwt_secret=secret)
+        if secret:
+            headers = f"Authorization: Bearer {mint(secret, 'bench', grants=['create', 'join'], ttl=3600)}\r\n"
     else:
         port = free_port()
         server = spawn(helper_argv("--floor-server", f"--port={port}"), port, SERVER_CPU)
-    return Target(kind, server, int(server.base_url.rsplit(":", 1)[1]))
+    return Target(kind, server, int(server.base_url.rsplit(":", 1)[1]), headers)
 
 
 async def level(kind: str, calls: int, plan: Plan) -> dict[str, Any]:
     """One fresh server holding ``calls`` connected pairs: memory, paced, create latency, closed loop."""
-    target = start(kind, calls, plan.server_dir)
+    target = start(kind, calls, plan.server_dir, plan.auth)
     figures: dict[str, Any] = {}
     load = Load(target)
     try:
@@ -575,9 +588,9 @@ async def level(kind: str, calls: int, plan: Plan) -> dict[str, Any]:
     return figures
 
 
-async def connect_storm(kind: str, calls: int, server_dir: str | None) -> dict[str, Any]:
+async def connect_storm(kind: str, calls: int, server_dir: str | None, auth: str = "none") -> dict[str, Any]:
     """T8: ``calls`` pre-created calls connect all their sockets at once."""
-    target = start(kind, calls, server_dir)
+    target = start(kind, calls, server_dir, auth)
     load = Load(target)
     try:
         paths = await load.create(calls)
@@ -590,8 +603,9 @@ async def connect_storm(kind: str, calls: int, server_dir: str | None) -> dict[s
     return {"errors": errors, "pairs": len(load.pairs), **usage}
 
 
-async def post_figure(kind: str, plan: Plan) -> dict[str, Any]:
-    target = start(kind, 0, plan.server_dir)
+async def post_figure(kind: str, plan: Plan, auth: str | None = None) -> dict[str, Any]:
+    """T7 on a fresh server (``auth``: of signal_srv, instead of the plan's)."""
+    target = start(kind, 0, plan.server_dir, auth or plan.auth)
     try:
         return await post_rate(target, 50, plan.post_seconds)
     finally:
@@ -601,10 +615,11 @@ async def post_figure(kind: str, plan: Plan) -> dict[str, Any]:
 async def stress_figure(plan: Plan) -> dict[str, Any]:
     from signal_srv.stress import run_stress, spawn_server
 
-    server = spawn_server(plan.stress.calls, cpu=SERVER_CPU, server_dir=plan.server_dir)
+    secret = base64.urlsafe_b64encode(os.urandom(32)).decode() if plan.auth == "jwt" else ""
+    server = spawn_server(plan.stress.calls, cpu=SERVER_CPU, server_dir=plan.server_dir, jwt_secret=secret)
     try:
         window = Window(server.process.pid)
-        result = await run_stress(server.base_url, plan.stress)
+        result = await run_stress(server.base_url, dataclasses.replace(plan.stress, jwt_secret=secret))
         usage = window.close()
     finally:
         server.stop()
@@ -664,7 +679,7 @@ async def scale_figure(kind: str, plan: Plan) -> dict[str, Any]:
     first level with errors, RSS over 2 GiB or p99 over 50 ms. Then, with every call left connected
     (the largest level reached), the server's idle CPU over one heartbeat interval."""
     steps, cap = scale_steps(plan)
-    target = start(kind, max(steps), plan.server_dir)
+    target = start(kind, max(steps), plan.server_dir, plan.auth)
     pid = target.server.process.pid
     load = Load(target)
     levels: list[dict[str, Any]] = []
@@ -748,22 +763,23 @@ class Plan:
     scale_seconds: float = 5.0
     scale_active: int = 100
     heartbeat_seconds: float = 20.0
+    auth: str = "none"  # of every signal_srv server (T7's auth comparison runs both)
 
 
-def make_plan(quick: bool, server_dir: str | None) -> Plan:
+def make_plan(quick: bool, server_dir: str | None, auth: str = "none") -> Plan:
     from signal_srv.stress import StressOptions
 
     if quick:
         return Plan(rounds=1, paced_levels=(100, 1000), closed_levels=(500, 1000), paced_seconds=4,
                     closed_seconds=2, post_seconds=2, storm_calls=1000, sweep_calls=20000,
                     stress=StressOptions(calls=300, candidates=10, end_fraction=0.3, duration=60),
-                    small=100, large=1000, levels=(100, 500, 1000), server_dir=server_dir)
+                    small=100, large=1000, levels=(100, 500, 1000), server_dir=server_dir, auth=auth)
     return Plan(rounds=2, paced_levels=(100, 1000, 5000), closed_levels=(500, 1000), paced_seconds=10,
                 closed_seconds=5, post_seconds=5, storm_calls=2000, sweep_calls=100000,
                 stress=StressOptions(calls=1000, candidates=20, end_fraction=0.3, duration=180),
                 small=100, large=5000, levels=(100, 500, 1000, 5000), server_dir=server_dir,
                 scale_steps=(2500, 5000, 7500, 10000, 15000, 20000), scale_seconds=5.0, scale_active=100,
-                heartbeat_seconds=20.0)
+                heartbeat_seconds=20.0, auth=auth)
 
 
 async def run_plan(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
@@ -775,11 +791,17 @@ async def run_plan(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
             say(f"  round {r + 1}: {name} on {kind}")
             raw[kind].setdefault(name, []).append(await make(kind))
 
+    from signal_srv.stress import server_options
+
+    auths = ("none", "jwt") if "auth" in server_options(plan.server_dir) else ()  # a snapshot may predate auth
     for r in range(plan.rounds):
         await both("post", lambda k: post_figure(k, plan), r)
+        for auth in auths if r % 2 == 0 else auths[::-1]:  # the cost of verifying tokens
+            say(f"  round {r + 1}: post on {SIGNAL} with auth={auth}")
+            raw[SIGNAL].setdefault(f"post_auth_{auth}", []).append(await post_figure(SIGNAL, plan, auth))
         for calls in plan.levels:
             await both(f"level_{calls}", lambda k, c=calls: level(k, c, plan), r)  # type: ignore[misc]
-        await both("storm", lambda k: connect_storm(k, plan.storm_calls, plan.server_dir), r)
+        await both("storm", lambda k: connect_storm(k, plan.storm_calls, plan.server_dir, plan.auth), r)
     if plan.scale_steps:  # once, not per round: it is the longest figure (about 1.5 min per server)
         steps, cap = scale_steps(plan)
         for kind in (FLOOR, SIGNAL):
@@ -872,6 +894,10 @@ def summarise(plan: Plan, results: dict[str, Any]) -> list[Row]:
     s, f = get(SIGNAL, "post", "req_per_s"), get(FLOOR, "post", "req_per_s")
     rows.append(Row("T7 POST req/s, concurrency 50", s, f, "req/s", ">= 0.5x", s is not None and f is not None and s >= 0.5 * f,
                     client("post")))
+    s, f = get(SIGNAL, "post_auth_jwt", "req_per_s"), get(SIGNAL, "post_auth_none", "req_per_s")
+    cost = f"; ~{1e6 * (1 / s - 1 / f):.0f} us more server time per create" if s and f else ""
+    rows.append(Row("T7 POST req/s, auth=jwt (HS256) vs auth=none", s, f, "req/s", "(measured)", None,
+                    client("post_auth_jwt"), "floor column: signal_srv with auth=none" + cost))
     s, f = get(SIGNAL, "storm", "seconds"), get(FLOOR, "storm", "seconds")
     errs = (get(SIGNAL, "storm", "errors") or 0) + 0
     rows.append(Row(f"T8 {plan.storm_calls} calls connecting at once", s, f, "s", "0 errors, <= 2x",
@@ -970,6 +996,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print every raw figure and the summary as JSON")
     p.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--server-dir", help="run signal_srv from this source tree (e.g. a git archive snapshot)")
+    p.add_argument("--auth", choices=("none", "jwt"), default="none",
+                   help="run every signal_srv server with auth=jwt, the load minting its tokens (the create-rate "
+                        "comparison of auth=jwt and auth=none runs either way)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sweep-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -987,7 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     from signal_srv.stress import raise_nofile
 
-    plan = make_plan(args.quick, args.server_dir)
+    plan = make_plan(args.quick, args.server_dir, args.auth)
     raise_nofile(4 * max(plan.levels) + 4096)
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {CLIENT_CPU})
@@ -1006,7 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(report)
     else:
         print(f"signal_srv vs bare-Tornado floor, {'quick' if args.quick else 'full'} run, {elapsed} s, {machine()}")
-        print(f"server pinned to CPU {SERVER_CPU}, client to CPU {CLIENT_CPU}; medians of {plan.rounds} A/B round(s)")
+        print(f"server pinned to CPU {SERVER_CPU}, client to CPU {CLIENT_CPU}; medians of {plan.rounds} A/B round(s); "
+              f"signal_srv auth={plan.auth}")
         print(format_rows(rows))
 
 

@@ -14,6 +14,10 @@ network), while frames to it are on the wire and while the other side sends on; 
 reconnects with ``SignalingClient.resume()`` and must get every missed frame once, in order,
 with its original ``seq``. A ``resume_failed`` answer is counted as a failure of its own.
 
+With ``jwt_secret`` (``--auth=jwt``) every create and join carries an access token the
+tool mints itself (host ``stress-<n>-host``, guest ``stress-<n>-guest``), and every
+``state`` frame must name the other participant with its identity.
+
 The core is importable (``run_stress``) so tests can drive it in-process; ``main()`` adds
 the command line, a self-spawned server (``spawn_server``), the live line and the table.
 """
@@ -26,6 +30,7 @@ import json
 import os
 import random
 import resource
+import secrets
 import socket
 import subprocess
 import sys
@@ -36,6 +41,7 @@ from typing import Any, Sequence
 from tornado.httpclient import AsyncHTTPClient
 
 from signal_srv.client import Connection, ConnectionClosed, SignalingClient
+from signal_srv.tokens import mint
 
 __all__ = [
     "CUT_LIMITS",
@@ -88,6 +94,7 @@ class StressOptions:
     http_concurrency: int = 64  # REST requests in flight
     connect_concurrency: int = 200  # WebSocket handshakes in flight
     seed: int | None = None
+    jwt_secret: str = field(default="", repr=False)  # a server with auth=jwt: mint tokens with its secret
 
 
 @dataclass
@@ -160,6 +167,7 @@ class Side:
         self.run, self.call_id, self.role, self.peer_id, self.token = run, call_id, role, peer_id, token
         self.conn: Connection | None = None
         self.other_peer_id = ""
+        self.other_identity: str | None = None
         self.sent = 0  # relayed messages this side sent
         self.seen: set[int] = set()  # numbers received from the other side
         self.max_seen = -1
@@ -269,6 +277,7 @@ class Side:
         elif kind in RELAY_TYPES:
             self._check_relayed(frame)
         elif kind == "state":  # joined, connected, disconnected (a cut): none is unexpected
+            self._check_peer(frame)
             if frame.get("event") == "connected" and frame.get("subject") == self.peer_id:
                 self.replaying = False
             if frame.get("participants", {}).get("connected", 0) >= 2:
@@ -278,6 +287,15 @@ class Side:
         else:
             result.unexpected_errors += 1
             result.fail(f"{self.call_id[:8]} {self.role}: unexpected frame {json.dumps(frame)[:200]}")
+
+    def _check_peer(self, frame: dict[str, Any]) -> None:
+        """A state frame names this side as ``peer_id`` and the other participant as ``peer``."""
+        peer = frame.get("peer")
+        want = (self.peer_id, self.other_peer_id, self.other_identity)
+        got = (frame.get("peer_id"), peer.get("peer_id"), peer.get("identity")) if isinstance(peer, dict) else want
+        if got != want and self.other_peer_id:
+            self.run.result.misrouted += 1
+            self.run.result.fail(f"{self.call_id[:8]} {self.role}: a state frame names {got}, want {want}")
 
     def _check_seq(self, frame: dict[str, Any]) -> bool:
         """Count a gap in the server's ``seq``; False for a seq already seen (a duplicate frame).
@@ -407,7 +425,7 @@ class _Run:
         mid_run = index in self.ends_mid_run
         sides: list[Side] = []
         try:
-            ok = await self._call(mid_run, self.cut_role.get(index), sides, deadline)
+            ok = await self._call(index, mid_run, self.cut_role.get(index), sides, deadline)
         except Exception as exc:  # any failure of the server or the network is a finding, not a crash
             ok = False
             self.result.unexpected_errors += 1
@@ -423,14 +441,22 @@ class _Run:
         else:
             self.result.calls_failed += 1
 
-    async def _call(self, mid_run: bool, cut_role: str | None, sides: list[Side], deadline: float) -> bool:
+    def access_token(self, sub: str, grant: str) -> str | None:
+        """With ``jwt_secret``, a token for ``sub`` holding ``grant``, valid for the whole run."""
+        secret = self.options.jwt_secret
+        return mint(secret, sub, grants=[grant], ttl=self.options.duration + 60) if secret else None
+
+    async def _call(self, index: int, mid_run: bool, cut_role: str | None, sides: list[Side], deadline: float) -> bool:
         timeout = self.options.timeout
-        created = await self.rest("create", self.client.create_call())
+        host_sub, guest_sub = f"stress-{index}-host", f"stress-{index}-guest"
+        created = await self.rest("create", self.client.create_call(access_token=self.access_token(host_sub, "create")))
         call_id = created["call_id"]
-        joined = await self.rest("join", self.client.join(call_id))
+        joined = await self.rest("join", self.client.join(call_id, access_token=self.access_token(guest_sub, "join")))
         host = Side(self, call_id, "host", created["peer_id"], created["peer_token"])
         guest = Side(self, call_id, "guest", joined["peer_id"], joined["peer_token"])
         host.other_peer_id, guest.other_peer_id = guest.peer_id, host.peer_id
+        if self.options.jwt_secret:
+            host.other_identity, guest.other_identity = guest_sub, host_sub
         sides += [host, guest]
         self.sides += sides
         await asyncio.gather(self.connect(host, deadline), self.connect(guest, deadline))
@@ -646,9 +672,13 @@ class Spawned:
                 self.process.wait()
 
 
-def spawn(argv: list[str], port: int, cpu: int | None = None, server_dir: str | None = None) -> Spawned:
-    """Start a server process and wait (at most 15 s) until it listens on 127.0.0.1:``port``."""
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=server_dir or None, env=server_env(server_dir))
+def spawn(
+    argv: list[str], port: int, cpu: int | None = None, server_dir: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Spawned:
+    """Start a server process (``env``: added to its environment) and wait (at most 15 s) until it listens."""
+    environ = {**(server_env(server_dir) or os.environ), **(env or {})}
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=server_dir or None, env=environ)
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(process.pid, {cpu})
     base_url = f"http://127.0.0.1:{port}"
@@ -667,13 +697,14 @@ def spawn(argv: list[str], port: int, cpu: int | None = None, server_dir: str | 
 
 def spawn_server(
     calls: int = 0, cpu: int | None = None, extra: Sequence[str] = (), server_dir: str | None = None,
-    cuts: bool = False,
+    cuts: bool = False, jwt_secret: str = "",
 ) -> Spawned:
     """``python -m signal_srv`` on a free port, quiet, with room for ``calls`` calls.
 
     ``server_dir``: run the server from that source tree instead (e.g. a ``git archive``
     snapshot, for before/after comparisons). ``cuts``: also hold and keep frames generously
-    for participants that are away (``CUT_LIMITS``).
+    for participants that are away (``CUT_LIMITS``). ``jwt_secret``: run it with
+    ``auth=jwt`` and that secret (passed in its environment, never on its command line).
     """
     raise_nofile(max(4 * calls + 1024, 4096))
     known = server_options(server_dir)
@@ -682,7 +713,8 @@ def spawn_server(
             f"--max_calls={max(100000, 4 * calls)}"]
     limits = {**GENEROUS_LIMITS, **(CUT_LIMITS if cuts else {})}
     argv += [f"--{name}={value}" for name, value in limits.items() if name in known]
-    return spawn(argv + list(extra), port, cpu, server_dir)
+    env = {"SIGNAL_SRV_AUTH": "jwt", "SIGNAL_SRV_JWT_SECRET": jwt_secret} if jwt_secret else None
+    return spawn(argv + list(extra), port, cpu, server_dir, env)
 
 
 # Command line ------------------------------------------------------------------------------
@@ -693,7 +725,8 @@ def format_table(result: StressResult, options: StressOptions) -> str:
     lines = [
         f"signal-srv-stress: {'OK' if result.ok else 'FAILED'}  ({options.calls} calls, "
         f"{options.candidates} candidates each way, {options.end_fraction:.0%} ended mid-run, "
-        f"{options.cut_fraction:.0%} cut and resumed, {d['elapsed']:.1f} s)",
+        f"{options.cut_fraction:.0%} cut and resumed, auth={'jwt' if options.jwt_secret else 'none'}, "
+        f"{d['elapsed']:.1f} s)",
         f"  calls      ok {d['calls_ok']}  failed {d['calls_failed']}  unfinished {d['calls_unfinished']}  "
         f"ended mid-run {d['ended_mid_run']}  cut {d['cuts']} (replayed {d['replayed']})",
         f"  messages   sent {d['sent']}  delivered {d['delivered']}  lost {d['lost']}  duplicated {d['duplicated']}  "
@@ -727,8 +760,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="cap on every single wait, seconds (default %(default)s)")
     p.add_argument("--seed", type=int, help="seed choosing the calls ended mid-run and the calls cut")
     p.add_argument("--server-dir", help="with --spawn: run signal_srv from this source tree (e.g. a git snapshot)")
+    p.add_argument("--auth", choices=("none", "jwt"), default="none",
+                   help="jwt: mint an access token for every create and join (a spawned server gets auth=jwt and "
+                        "a random secret; with --url, the secret comes from SIGNAL_SRV_JWT_SECRET)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = p.parse_args(argv)
+    if args.auth == "jwt" and args.url and not os.environ.get("SIGNAL_SRV_JWT_SECRET"):
+        p.error("--auth=jwt with --url needs the server's secret in SIGNAL_SRV_JWT_SECRET")
     if args.url and args.spawn:
         p.error("--url and --spawn exclude each other")
     if (args.calls < 1 or args.candidates < 0 or not 0 <= args.end_fraction <= 1
@@ -750,12 +788,15 @@ def _progress_line(run: _Run) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: exit 0 on exact delivery, 1 on any fault."""
     args = parse_args(argv)
+    secret = ""
+    if args.auth == "jwt":
+        secret = os.environ["SIGNAL_SRV_JWT_SECRET"] if args.url else secrets.token_urlsafe(32)
     options = StressOptions(calls=args.calls, candidates=args.candidates, end_fraction=args.end_fraction,
                             cut_fraction=args.cut_fraction, duration=args.duration, timeout=args.timeout,
-                            seed=args.seed)
+                            seed=args.seed, jwt_secret=secret)
     raise_nofile(4 * options.calls + 1024)
     server = None if args.url else spawn_server(options.calls, server_dir=args.server_dir,
-                                                cuts=options.cut_fraction > 0)
+                                                cuts=options.cut_fraction > 0, jwt_secret=secret)
     try:
         url = args.url or server.base_url  # type: ignore[union-attr]
         live = _progress_line if sys.stdout.isatty() and not args.json else None

@@ -119,6 +119,25 @@ async def test_calls_ended_mid_run_are_verified_closed_and_the_others_go_on(base
     assert result.ok and result.ended_mid_run == 10 and result.sent == 20
 
 
+STRESS_SECRET = "a-stress-secret-that-is-long-enough-for-hs256"
+
+
+@pytest.mark.settings(auth="jwt", jwt_secret=STRESS_SECRET)
+async def test_with_auth_jwt_every_call_carries_minted_tokens_and_identities(base_url: str) -> None:
+    result = await run_stress(base_url, small(jwt_secret=STRESS_SECRET))
+    assert result.failures == []
+    assert result.ok and result.calls_ok == 20 and result.sent == result.delivered
+    assert "auth=jwt" in format_table(result, small(jwt_secret=STRESS_SECRET))
+    assert STRESS_SECRET not in repr(small(jwt_secret=STRESS_SECRET))
+
+
+@pytest.mark.settings(auth="jwt", jwt_secret=STRESS_SECRET)
+async def test_without_tokens_an_auth_jwt_server_refuses_every_call(base_url: str) -> None:
+    result = await run_stress(base_url, small(calls=3))
+    assert not result.ok and result.calls_failed == 3
+    assert all("401 unauthorized" in text for text in result.failures)
+
+
 @pytest.mark.settings(ws_buffer_limit=1024, resume_buffer=1024)
 async def test_cut_sockets_resume_and_still_get_every_message_once_and_in_order(base_url: str) -> None:
     result = await run_stress(base_url, small(candidates=10, cut_fraction=0.5))
@@ -184,3 +203,13 @@ def test_the_command_spawns_its_own_server_and_exits_zero_on_a_clean_run() -> No
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["calls_ok"] == 20
+
+
+@pytest.mark.e2e
+def test_the_command_runs_with_auth_jwt_on_its_own_server() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "signal_srv.stress", "--calls=10", "--candidates=2", "--auth=jwt", "--duration=60"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK" in done.stdout and "auth=jwt" in done.stdout

@@ -2,6 +2,7 @@
 //
 // Pieces, top to bottom:
 //   api()          REST calls; failures become ApiError(status, code, message)
+//   accessToken    the application's token for a server with auth=jwt (from the URL fragment)
 //   credentials    per-call credentials in sessionStorage, so a reload rejoins the same call
 //   Signaling      the WebSocket, reconnecting with backoff under the same credentials
 //   Peer           RTCPeerConnection + "perfect negotiation" driven by the server's `polite`
@@ -16,6 +17,7 @@
 
 const API = '/apiv2';
 const STORAGE_PREFIX = 'signal_srv.call.';
+const ACCESS_TOKEN_KEY = 'signal_srv.access_token';
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 10000;
 const RECONNECT_ATTEMPTS = 12;
@@ -61,6 +63,31 @@ async function api(method, path, { token } = {}) {
   }
   return body;
 }
+
+// ------------------------------------------------------------------------ accessToken
+
+// With auth=jwt the server creates and joins calls only for the application's users. The
+// application's backend mints a token for the signed-in user and opens this page with it in
+// the fragment: /#token=<JWT> to start a call, /?call=<id>#token=<JWT> to join one. A
+// fragment never reaches a server or its access log. The page keeps the token for this tab
+// only (sessionStorage), removes it from the address bar, and sends it when it creates or
+// joins a call; the socket and hang-up use the participant's own peer_token, as always.
+const accessToken = {
+  take() {
+    const fragment = new URLSearchParams(location.hash.slice(1));
+    const token = fragment.get('token');
+    if (token) {
+      sessionStorage.setItem(ACCESS_TOKEN_KEY, token);
+      fragment.delete('token');
+      const rest = fragment.toString();
+      history.replaceState(null, '', location.pathname + location.search + (rest ? `#${rest}` : ''));
+    }
+    return this.get();
+  },
+  get() {
+    return sessionStorage.getItem(ACCESS_TOKEN_KEY);
+  },
+};
 
 // ------------------------------------------------------------------------ credentials
 
@@ -437,6 +464,7 @@ const $ = (id) => document.getElementById(id);
 
 const REASONS = {
   ended: 'The call was ended.',
+  removed: 'You were removed from the call.',
   expired: 'The call expired.',
   left: 'The call is over: a participant left.',
   timeout: 'The call is over: the other participant lost their connection.',
@@ -464,6 +492,7 @@ class Demo {
   }
 
   init() {
+    accessToken.take();
     $('new-call').onclick = () => this.newCall();
     $('copy-link').onclick = () => this.copyInvite();
     $('hang-up').onclick = () => this.hangUp();
@@ -478,12 +507,12 @@ class Demo {
   async newCall() {
     this.#setPhase('starting');
     try {
-      const created = await api('POST', '/calls');
+      const created = await api('POST', '/calls', { token: accessToken.get() });
       credentials.save(created);
       history.pushState(null, '', `/?call=${encodeURIComponent(created.call_id)}`);
       await this.enter(created);
     } catch (err) {
-      this.#fail(`Could not create a call: ${err.message}`);
+      this.#fail(this.#refusal(err) ?? `Could not create a call: ${err.message}`);
     }
   }
 
@@ -498,11 +527,14 @@ class Demo {
       return;
     }
     try {
-      const joined = await api('POST', `/calls/${encodeURIComponent(callId)}/join`);
+      const joined = await api('POST', `/calls/${encodeURIComponent(callId)}/join`, { token: accessToken.get() });
       credentials.save(joined);
       await this.enter(joined);
     } catch (err) {
-      if (err.code === 'call_full') {
+      const refusal = this.#refusal(err);
+      if (refusal) {
+        this.#fail(refusal);
+      } else if (err.code === 'call_full') {
         this.#fail('This call is full: it already has two participants.');
       } else if (err.code === 'call_not_found') {
         this.#fail('This call does not exist: it has ended or expired.');
@@ -561,7 +593,8 @@ class Demo {
     this.state = state;
     const other = state.subject && state.subject !== this.me.peer_id;
     if (other && state.event === 'left') {
-      this.#say('peer', 'The other participant left. Waiting for someone to join…');
+      const why = state.reason === 'removed' ? 'was removed from the call' : 'left';
+      this.#say('peer', `The other participant ${why}. Waiting for someone to join…`);
       for (const track of this.remoteStream.getTracks()) this.remoteStream.removeTrack(track);
     }
     if (other && state.event === 'disconnected') this.#say('peer', 'The other participant lost their connection to the server…');
@@ -730,6 +763,17 @@ class Demo {
     this.#say('call', message, true);
   }
 
+  // A server with auth=jwt refusing this page's token (or its lack of one).
+  #refusal(err) {
+    if (err.code === 'unauthorized') {
+      return accessToken.get()
+        ? `The server did not accept your sign-in token (${err.message}). Open this page again from your application.`
+        : 'This server admits only signed-in users: open this page from your application.';
+    }
+    if (err.code === 'forbidden') return `Your sign-in token does not allow this (${err.message}).`;
+    return null;
+  }
+
   // Notices come in slots (media, call, peer, socket) so one clears without hiding another.
   #say(slot, message, isError = false) {
     if (message) this.notices.set(slot, { message, isError });
@@ -757,6 +801,8 @@ class Demo {
       ? `${s.participants.count} of ${s.participants.max} joined, ${s.participants.connected} connected`
       : '–';
     $('socket-status').textContent = this.signaling?.status ?? '–';
+    const peer = this.phase === 'ended' ? null : s?.peer;
+    $('peer-name').textContent = peer ? (peer.name ?? peer.identity ?? 'anonymous') : '–';
     $('peer-status').textContent = this.peer ? this.peer.pc.connectionState : '–';
   }
 }
@@ -767,6 +813,7 @@ const app = new Demo();
 window.demo = Object.freeze({
   get pc() { return app.peer?.pc ?? null; },
   get state() { return app.state; },
+  get peer() { return app.state?.peer ?? null; },
   get callId() { return app.callId; },
   get role() { return app.me?.role ?? null; },
   get polite() { return app.me?.polite ?? null; },

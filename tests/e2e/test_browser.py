@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.e2e.support import E2E_TIMEOUT, NetNamespace, ServerThread, run_in_netns, skip_or_fail
+from tests.e2e.support import E2E_TIMEOUT, NetNamespace, ServerThread, e2e_config, run_in_netns, skip_or_fail
 
 pytestmark = pytest.mark.e2e
 
@@ -399,5 +399,68 @@ def test_the_demo_page_calls_an_aiortc_peer(
             assert result["polite"] is True
             assert result["state"] == "connected"
             assert len(result["sizes"]) == 5 and all(w > 0 and h > 0 for w, h in result["sizes"])
+
+    run(netns, scenario)
+
+
+E2E_SECRET = "an-end-to-end-secret-of-at-least-32-bytes"
+
+
+@pytest.fixture
+def jwt_server(netns: NetNamespace) -> Iterator[ServerThread]:
+    """A real signal_srv with ``auth=jwt`` on 127.0.0.1 inside ``netns``."""
+    thread = ServerThread(e2e_config(auth="jwt", jwt_secret=E2E_SECRET), netns)
+    thread.start()
+    yield thread
+    thread.stop()
+
+
+def test_with_auth_jwt_the_page_calls_with_the_tokens_its_application_gives_it(
+    chromium: str, netns: NetNamespace, jwt_server: ServerThread
+) -> None:
+    from signal_srv.tokens import mint
+
+    url = jwt_server.url
+
+    def scenario() -> None:
+        with browser(chromium) as chrome:
+            stranger = chrome.tab("stranger", url + "/")
+            stranger.page.click("#new-call")
+            stranger.wait("demo.phase === 'error'")
+            assert "only signed-in users" in stranger.value("demo.notice")
+
+            # The application's backend mints a token and opens the page with it in the fragment.
+            host = chrome.tab("host", f"{url}/#token={mint(E2E_SECRET, 'alice', grants=['create'], name='Alice')}")
+            assert host.value("location.hash") == ""  # taken out of the address bar at once
+            invite = host.new_call()
+            call_id = host.value("demo.callId")
+            assert invite == f"{url}/?call={call_id}"  # the invite carries no token
+            intruder = chrome.tab("intruder", f"{invite}#token={mint(E2E_SECRET, 'eve', grants=['join'], call_id='x' * 22)}")
+            intruder.wait("demo.phase === 'error'")
+            assert "does not allow this" in intruder.value("demo.notice")
+
+            guest_token = mint(E2E_SECRET, "bob", grants=["join"], name="Bob", call_id=call_id)
+            guest = chrome.tab("guest", f"{invite}#token={guest_token}")
+            for page in (host, guest):
+                page.wait_connected()
+                page.wait_remote_video_playing()
+                assert_in_active_call(page, call_id)
+            host.wait("demo.peer && demo.peer.connected")
+            assert (host.value("demo.peer.identity"), host.value("demo.peer.name")) == ("bob", "Bob")
+            assert host.value("document.querySelector('#peer-name').textContent") == "Bob"
+            assert guest.value("document.querySelector('#peer-name').textContent") == "Alice"
+            ARTIFACTS.mkdir(exist_ok=True)
+            host.page.screenshot(path=str(ARTIFACTS / "browser-jwt.png"), full_page=True)
+
+            # An administrator removes the guest: both pages say what happened.
+            admin = mint(E2E_SECRET, "ops", grants=["admin"])
+            guest_id = host.value("demo.peer.peer_id")
+            status = host.value(f"fetch('/apiv2/calls/{call_id}/participants/{guest_id}/remove', "
+                                f"{{method: 'POST', headers: {{Authorization: 'Bearer {admin}'}}}}).then(r => r.status)")
+            assert status == 200
+            guest.wait("demo.phase === 'ended'")
+            assert "You were removed from the call." in guest.value("demo.notice")
+            host.wait("demo.state.participants.count === 1")
+            assert "was removed from the call" in host.value("demo.notice")
 
     run(netns, scenario)

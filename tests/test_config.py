@@ -54,6 +54,8 @@ def test_prod_conf_loads_with_its_secrets_from_the_environment() -> None:
     config = load_config(argv, secrets)
     assert config.list_calls == "off" and config.xheaders is True and len(json.loads(config.ice_servers)) == 2
     assert (config.turn_secret, config.webhook_secret) == ("t", "w")
+    assert (config.auth, config.jwks_url, config.jwt_audience) == ("jwt", "https://app.example.org/.well-known/jwks.json",
+                                                                  "signal_srv")
     with pytest.raises(ConfigError, match="needs turn_secret"):
         load_config(argv, {})
 

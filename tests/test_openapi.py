@@ -460,52 +460,56 @@ async def end_with_a_token_without_admin(c: Ctx) -> HTTPResponse:
 _REMOVE = "/apiv2/calls/{call_id}/participants/{peer_id}/remove"
 
 
+def removal(call_id: str, peer_id: str) -> str:
+    return _REMOVE.replace("{call_id}", call_id).replace("{peer_id}", peer_id)
+
+
 @scenario(_REMOVE, "post", 200, **JWT)
 async def remove(c: Ctx) -> HTTPResponse:
     host = await c.create(access("create"))
     guest = await c.join(host["call_id"], access("join"))
-    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{guest['peer_id']}/remove",
+    return await c.fetch("POST", removal(host["call_id"], guest["peer_id"]),
                          headers=access("admin"))
 
 
 @scenario(_REMOVE, "post", 400)
 async def remove_bad_body(c: Ctx) -> HTTPResponse:
     host = await c.create()
-    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove",
+    return await c.fetch("POST", removal(host["call_id"], host["peer_id"]),
                          body=b"[]", headers=JSON)
 
 
 @scenario(_REMOVE, "post", 401, **JWT)
 async def remove_without_token(c: Ctx) -> HTTPResponse:
     host = await c.create(access("create"))
-    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove")
+    return await c.fetch("POST", removal(host["call_id"], host["peer_id"]))
 
 
 @scenario(_REMOVE, "post", 403)
 async def remove_without_access_control(c: Ctx) -> HTTPResponse:
     host = await c.create()
-    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove",
+    return await c.fetch("POST", removal(host["call_id"], host["peer_id"]),
                          headers=bearer(host["peer_token"]))
 
 
 @scenario(_REMOVE, "post", 404, **JWT)
 async def remove_unknown_participant(c: Ctx) -> HTTPResponse:
     host = await c.create(access("create"))
-    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{UNKNOWN_CALL}/remove",
+    return await c.fetch("POST", removal(host["call_id"], UNKNOWN_CALL),
                          headers=access("admin"))
 
 
 @scenario(_REMOVE, "post", 413)
 async def remove_too_large(c: Ctx) -> HTTPResponse:
     host = await c.create()
-    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove",
+    return await c.fetch("POST", removal(host["call_id"], host["peer_id"]),
                          body=BIG, headers=JSON)
 
 
 @scenario(_REMOVE, "post", 415)
 async def remove_not_json(c: Ctx) -> HTTPResponse:
     host = await c.create()
-    return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/participants/{host['peer_id']}/remove",
+    return await c.fetch("POST", removal(host["call_id"], host["peer_id"]),
                          body=b"x", headers={"Content-Type": "text/plain"})
 
 
@@ -513,7 +517,7 @@ async def remove_not_json(c: Ctx) -> HTTPResponse:
 async def remove_busy(c: Ctx) -> HTTPResponse:
     host = await c.create(access("create"))
     return await c.until_busy(lambda: c.fetch(
-        "POST", f"/apiv2/calls/{host['call_id']}/participants/{UNKNOWN_CALL}/remove", headers=access("admin")))
+        "POST", removal(host["call_id"], UNKNOWN_CALL), headers=access("admin")))
 
 
 # GET /apiv2/config

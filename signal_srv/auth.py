@@ -160,8 +160,7 @@ class Verifier:
         self._options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": bool(audience)}
 
     def __repr__(self) -> str:
-        source = "jwks" if self._jwks is not None else self._static[1] if self._static else "?"
-        return f"Verifier({source})"
+        return f"Verifier({'jwks' if self._static is None else self._static[1]})"  # never the key
 
     async def verify(self, token: str) -> Claims:
         """The claims of ``token``. Raises ``InvalidToken`` for anything but a valid token of ours."""

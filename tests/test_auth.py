@@ -7,6 +7,7 @@ a PEM public key. JWKS key sources are in ``test_jwks.py``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -19,6 +20,8 @@ from typing import Any
 
 import jwt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -345,3 +348,32 @@ async def test_public_key_tokens_verify_and_algorithm_confusion_is_refused(
         with pytest.raises(ApiError) as refused:
             await client.create_call(access_token=bad)
         assert refused.value.status == 401
+
+
+# Fuzz: whatever arrives as a bearer token, verification answers 401 or accepts, never crashes --
+
+
+_segment = st.one_of(
+    st.binary(max_size=64).map(_b64),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                 max_leaves=8).map(lambda value: _b64(json.dumps(value).encode())),
+    st.text(max_size=20),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(parts=st.lists(_segment, min_size=1, max_size=4), header=st.sampled_from([None, "HS256", "none", "RS256", 7]))
+def test_random_tokens_are_refused_with_invalid_token_only(parts: list[str], header: Any) -> None:
+    from signal_srv.auth import Verifier
+    from signal_srv.errors import InvalidToken
+
+    if header is not None:
+        parts = [_b64(json.dumps({"alg": header, "typ": "JWT"}).encode()), *parts[1:]]
+    verifier = Verifier(SECRET.encode(), "HS256")
+    try:
+        asyncio.run(verifier.verify(".".join(parts)))
+    except InvalidToken as refused:
+        assert refused.status == 401 and SECRET not in refused.message
+    else:
+        raise AssertionError("a random token was accepted")

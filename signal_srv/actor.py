@@ -376,6 +376,7 @@ class CallActor:
 
     def _teardown(self, crashed: bool) -> None:
         self._alive = False
+        self.call.drop_held()
         if self._timer is not None:
             self._timer.cancel()
         if crashed:

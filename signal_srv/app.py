@@ -46,6 +46,8 @@ def make_registry(config: Config) -> Registry:
         max_duration=config.max_call_duration,
         max_participants=config.max_participants,
         hold_limit=config.ws_buffer_limit,
+        hold_bytes=config.ws_buffer_bytes,
+        held_bytes_total=config.held_bytes_total,
         resume_limit=config.resume_buffer,
         resume_bytes=config.resume_buffer_bytes,
     )

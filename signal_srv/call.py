@@ -10,8 +10,10 @@ Rules:
 - A participant may carry who it is in the application (``identity``, ``name``, from the
   token it joined with); ``state`` frames show each participant the other one as ``peer``.
 - A relayed message goes to every other participant, never to the sender: at once to a
-  connected socket, or held in order (up to ``hold_limit``) for one that has joined but is
-  not connected, and delivered when it connects.
+  connected socket, or held in order for one that has joined but is not connected, and
+  delivered when it connects. Held messages are kept as JSON text, bounded per participant
+  (``hold_limit`` messages, ``hold_bytes`` bytes) and per process (``HeldBudget``); past a
+  bound the new message is refused with ``BufferFull`` and nothing already held is lost.
 - Every frame sent to a participant carries ``seq``, increasing by one per participant and
   continuing across its reconnects. The last frames sent are kept (``resume_limit``,
   ``resume_bytes``) so that a socket reconnecting with ``last_seq`` gets what it missed.
@@ -54,6 +56,7 @@ __all__ = [
     "Event",
     "Expire",
     "Expiry",
+    "HeldBudget",
     "Identify",
     "Join",
     "Leave",
@@ -85,8 +88,23 @@ class CallRules:
     max_duration: float = 0.0
     max_participants: int = 2
     hold_limit: int = 64
+    hold_bytes: int = 262144
+    held_bytes_total: int = 128 * 1024 * 1024
     resume_limit: int = 64
     resume_bytes: int = 262144
+
+
+class HeldBudget:
+    """Bytes of messages held for absent participants, across every call that shares it."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def fits(self, size: int) -> bool:
+        return self.used + size <= self.limit
 
 
 # Events ------------------------------------------------------------------------------
@@ -235,7 +253,8 @@ class Participant:
     conn: int | None = None
     seq: int = 0
     # Created on first use: most participants never need them (a deque costs ~760 bytes).
-    held: deque[dict[str, Any]] | None = None
+    held: deque[str] | None = None  # relayed frames without their seq, stamped on delivery
+    held_bytes: int = 0
     sent: deque[tuple[int, str]] | None = None
     sent_bytes: int = 0
 
@@ -257,9 +276,12 @@ class Participant:
 class Call:
     """One call's participants, status and deadline; see the module docstring for the rules."""
 
-    def __init__(self, call_id: str, now: float, rules: CallRules = CallRules()) -> None:
+    def __init__(
+        self, call_id: str, now: float, rules: CallRules = CallRules(), held_budget: HeldBudget | None = None
+    ) -> None:
         self.call_id = call_id
         self.rules = rules
+        self.held_budget = held_budget if held_budget is not None else HeldBudget(rules.held_bytes_total)
         self.status = Status.WAITING
         self.end_reason: str | None = None
         self.created = now
@@ -382,9 +404,7 @@ class Call:
             else:
                 effects += [Send(event.conn, text) for text in missed]
         effects += self._broadcast_state("connected", p.peer_id)
-        if p.held:
-            effects += [self._deliver(p, message) for message in p.held]
-            p.held = None
+        effects += [self._deliver_frame(p, frame) for frame in self._take_held(p)]
         return effects
 
     def _disconnect(self, event: Disconnect, now: float) -> list[Effect]:
@@ -403,17 +423,16 @@ class Call:
         others = [p for p in self.participants.values() if p is not sender]
         if not others:
             raise NoPeer()
-        if any(p.conn is None and p.held and len(p.held) >= self.rules.hold_limit for p in others):
-            raise BufferFull(f"{self.rules.hold_limit} messages are already held for the other participant")
+        frame = messages.relayed(event.message, self.call_id, sender.peer_id)
+        absent = [p for p in others if p.conn is None]
+        if absent:
+            self._check_room(absent, len(frame))
         effects: list[Effect] = []
         for p in others:
-            message = messages.relayed(event.message, self.call_id, sender.peer_id)
             if p.conn is None:
-                if p.held is None:
-                    p.held = deque()
-                p.held.append(message)
+                self._hold(p, frame)
             else:
-                effects.append(self._deliver(p, message))
+                effects.append(self._deliver_frame(p, frame))
         return effects
 
     def _expire(self, event: Expire, now: float) -> list[Effect]:
@@ -438,6 +457,39 @@ class Call:
 
     # Helpers ---------------------------------------------------------------------------
 
+    def drop_held(self) -> None:
+        """Free the bytes of every message held in this call (it has ended or crashed)."""
+        for p in self.participants.values():
+            self._take_held(p)
+
+    def _check_room(self, absent: list[Participant], size: int) -> None:
+        """Raise ``BufferFull`` unless a frame of ``size`` can be held for each of ``absent``."""
+        rules = self.rules
+        for p in absent:
+            if p.held and len(p.held) >= rules.hold_limit:
+                raise BufferFull(f"{rules.hold_limit} messages are already held for the other participant"
+                                 " (ws_buffer_limit)")
+            if p.held_bytes + size > rules.hold_bytes:
+                raise BufferFull(f"{p.held_bytes} bytes are already held for the other participant; this message"
+                                 f" would pass ws_buffer_bytes ({rules.hold_bytes})")
+        if not self.held_budget.fits(size * len(absent)):
+            raise BufferFull("the server already holds as many bytes for absent participants as it may"
+                             " (held_bytes_total); retry later")
+
+    def _hold(self, p: Participant, frame: str) -> None:
+        if p.held is None:
+            p.held = deque()
+        p.held.append(frame)
+        p.held_bytes += len(frame)
+        self.held_budget.used += len(frame)
+
+    def _take_held(self, p: Participant) -> deque[str]:
+        """Empty ``p``'s held messages, freeing their bytes; return them in order."""
+        held, p.held = p.held or deque(), None
+        self.held_budget.used -= p.held_bytes
+        p.held_bytes = 0
+        return held
+
     def authenticate(self, token: str) -> Participant:
         """The participant holding ``token`` (compared in constant time), or ``Unauthorized``."""
         given = token.encode("utf-8", "replace")
@@ -459,6 +511,7 @@ class Call:
 
     def _remove(self, leaver: Participant, reason: str) -> list[Effect]:
         effects = self._close(leaver, messages.call_ended(self.call_id, reason), NORMAL_CLOSURE, reason)
+        self._take_held(leaver)
         del self.participants[leaver.peer_id]
         effects.append(Notify("participant_left", leaver.peer_id, reason, leaver.identity, leaver.name))
         if not self.participants:
@@ -483,6 +536,7 @@ class Call:
         effects: list[Effect] = []
         for p in self.participants.values():
             effects += self._close(p, farewell or messages.call_ended(self.call_id, reason), code, reason)
+        self.drop_held()
         old, self.status, self.end_reason = self.status, Status.ENDED, reason
         effects += [Notify("call_ended", None, reason), StatusChanged(old, Status.ENDED, reason)]
         return effects
@@ -490,20 +544,22 @@ class Call:
     def _close(self, p: Participant, farewell: dict[str, Any], code: int, reason: str) -> list[Effect]:
         if p.conn is None:
             return []
-        send = self._deliver(p, dict(farewell))
+        send = self._deliver(p, farewell)
         del self._by_conn[send.conn]
         p.conn = None
         return [send, Close(send.conn, code, reason)]
 
     def _deliver(self, p: Participant, message: dict[str, Any]) -> Send:
-        """Stamp ``message`` with the participant's next seq, keep it for a resume, send it."""
+        return self._deliver_frame(p, messages.to_json(message))
+
+    def _deliver_frame(self, p: Participant, frame: str) -> Send:
+        """Stamp ``frame`` with the participant's next seq, keep it for a resume, send it."""
         assert p.conn is not None
-        message["seq"] = p.seq
-        p.seq += 1
-        text = messages.to_json(message)
+        seq, p.seq = p.seq, p.seq + 1
+        text = messages.with_seq(frame, seq)
         if p.sent is None:
             p.sent = deque()
-        p.sent.append((message["seq"], text))
+        p.sent.append((seq, text))
         p.sent_bytes += len(text)
         while len(p.sent) > self.rules.resume_limit or p.sent_bytes > self.rules.resume_bytes:
             p.sent_bytes -= len(p.sent.popleft()[1])

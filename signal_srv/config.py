@@ -55,6 +55,8 @@ class Config:
     heartbeat_interval: float = 20.0
     heartbeat_timeout: float = 60.0
     ws_buffer_limit: int = 64
+    ws_buffer_bytes: int = 262144
+    held_bytes_total: int = 134217728
     ws_write_buffer_limit: int = 1048576
     ws_close_grace: float = 5.0
     max_message_size: int = 65536
@@ -113,6 +115,8 @@ _HELP = {
     "heartbeat_interval": "seconds between WebSocket pings to every socket of a call",
     "heartbeat_timeout": "seconds a socket may leave a ping unanswered before it is dropped as dead",
     "ws_buffer_limit": "relayed messages held for a joined participant that is not connected",
+    "ws_buffer_bytes": "bytes of relayed messages held for a joined participant that is not connected",
+    "held_bytes_total": "bytes of relayed messages held for participants not connected, in the whole process",
     "ws_write_buffer_limit": "bytes queued to a slow socket before it is closed with 1013",
     "ws_close_grace": "seconds a socket closed as a slow reader (1013) has to read its close frame before it is cut",
     "max_message_size": "largest WebSocket frame accepted, in bytes (larger: close 1009)",
@@ -292,6 +296,10 @@ def _checked(c: Config) -> Config:
     _require(c.log_level in LOG_LEVELS, "log_level", c.log_level, "must be one of " + ", ".join(LOG_LEVELS))
     _require(c.max_message_size >= 1024, "max_message_size", c.max_message_size, "must be at least 1024 bytes")
     _require(c.max_body_size >= 256, "max_body_size", c.max_body_size, "must be at least 256 bytes")
+    _require(c.ws_buffer_bytes >= c.max_message_size, "ws_buffer_bytes", c.ws_buffer_bytes,
+             f"must be at least max_message_size ({c.max_message_size})")
+    _require(c.held_bytes_total >= c.ws_buffer_bytes, "held_bytes_total", c.held_bytes_total,
+             f"must be at least ws_buffer_bytes ({c.ws_buffer_bytes})")
     _require(c.ws_write_buffer_limit >= 2 * c.max_message_size, "ws_write_buffer_limit", c.ws_write_buffer_limit,
              f"must be at least twice max_message_size ({c.max_message_size})")
     _require(math.isfinite(c.max_call_duration) and c.max_call_duration >= 0, "max_call_duration",

@@ -29,6 +29,7 @@ __all__ = [
     "relayed",
     "server_shutdown",
     "to_json",
+    "with_seq",
 ]
 
 RELAY_TYPES = frozenset({"offer", "answer", "candidate", "bye", "message"})
@@ -42,10 +43,14 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 @dataclass(frozen=True, slots=True)
 class Relay:
-    """A message to pass on, untouched, to the other participant of the call."""
+    """A message to pass on, untouched, to the other participant of the call.
+
+    ``payload_json`` is the payload as compact JSON text: a parsed payload can cost some
+    25 times its size in Python objects, and the call may hold the message for a while.
+    """
 
     type: str
-    payload: Any
+    payload_json: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,19 +121,33 @@ def parse(text: str, max_size: int) -> Relay | Ping:
     if kind in RELAY_TYPES:
         if "payload" not in value:
             raise BadMessage(f"'payload' is missing from {kind!r}")
-        return Relay(kind, value["payload"])
+        return Relay(kind, _compact(value["payload"]))
     if kind == "ping":
         return Ping()
     raise UnknownType(f"unknown type {kind[:40]!r}; expected one of ping, {', '.join(sorted(RELAY_TYPES))}")
 
 
-def to_json(message: dict[str, Any]) -> str:
+def _compact(payload: Any) -> str:
+    try:
+        return to_json(payload)
+    except RecursionError:
+        raise BadMessage("JSON nested too deeply") from None
+
+
+def to_json(message: Any) -> str:
     """Encode a server frame as compact, strict JSON."""
     return json.dumps(message, allow_nan=False, separators=(",", ":"))
 
 
-def relayed(relay: Relay, call_id: str, sender: str) -> dict[str, Any]:
-    return {"type": relay.type, "call_id": call_id, "from": sender, "payload": relay.payload}
+def relayed(relay: Relay, call_id: str, sender: str) -> str:
+    """The frame the other participant gets, as JSON text without its ``seq`` (see ``with_seq``)."""
+    return (f'{{"type":{to_json(relay.type)},"call_id":{to_json(call_id)},"from":{to_json(sender)},'
+            f'"payload":{relay.payload_json}}}')
+
+
+def with_seq(frame: str, seq: int) -> str:
+    """``frame`` (a JSON object's text with at least one member) with ``"seq"`` added last."""
+    return f'{frame[:-1]},"seq":{seq}}}'
 
 
 def error(code: str, message: str) -> dict[str, Any]:

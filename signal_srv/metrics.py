@@ -59,6 +59,8 @@ class _Collector:
         yield ended
         yield GaugeMetricFamily("signal_srv_sockets", "signaling sockets connected", value=self.metrics.sockets)
         yield GaugeMetricFamily("signal_srv_actor_tasks", "running call actors", value=stats.tasks)
+        yield GaugeMetricFamily("signal_srv_held_bytes", "bytes of messages held for participants not connected",
+                                value=self.registry.held.used)
         yield GaugeMetricFamily("signal_srv_inbox_depth_max", "deepest call inbox right now",
                                 value=self.registry.max_inbox_depth())
         yield from (

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Awaitable, Iterator
 
 
 from signal_srv.actor import CallActor, CallSummary, Joined
-from signal_srv.call import Call, CallRules, Expire, Notify, Status, StatusChanged
+from signal_srv.call import Call, CallRules, Expire, HeldBudget, Notify, Status, StatusChanged
 from signal_srv.errors import CallEnded, CallNotFound, Capacity, ShuttingDown
 from signal_srv.metrics import Metrics
 
@@ -87,6 +87,7 @@ class Registry:
         webhooks: Webhooks | None = None,
     ) -> None:
         self.rules = rules
+        self.held = HeldBudget(rules.held_bytes_total)
         self.metrics = metrics if metrics is not None else Metrics()
         self.webhooks = webhooks
         self.closing = False
@@ -120,7 +121,7 @@ class Registry:
         while call_id in self._actors:
             call_id = new_id()
         now = time.monotonic()
-        call = Call(call_id, now, self.rules)
+        call = Call(call_id, now, self.rules, self.held)
         order = next(self._counter)
         actor = CallActor(
             call, order=order, mailbox_size=self.mailbox_size, on_status=self._status_changed,

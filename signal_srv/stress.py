@@ -73,6 +73,7 @@ GENEROUS_LIMITS: dict[str, str] = {
 # server holds and keeps that many frames for it (see README, "Lossless resume").
 CUT_LIMITS: dict[str, str] = {
     "ws_buffer_limit": "1024",
+    "ws_buffer_bytes": str(4 * 1024 * 1024),
     "resume_buffer": "1024",
     "resume_buffer_bytes": str(4 * 1024 * 1024),
 }
@@ -328,7 +329,9 @@ class Side:
                         "(raise the server's resume_buffer / resume_buffer_bytes)")
             return
         result.unexpected_errors += 1
-        hint = " (raise the server's ws_buffer_limit for cut runs)" if frame.get("code") == "buffer_full" else ""
+        hint = ""
+        if frame.get("code") == "buffer_full":
+            hint = " (raise the server's ws_buffer_limit and ws_buffer_bytes for cut runs)"
         result.fail(f"{self.call_id[:8]} {self.role}: unexpected frame {json.dumps(frame)[:200]}{hint}")
 
     def _check_relayed(self, frame: dict[str, Any]) -> None:

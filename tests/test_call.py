@@ -18,6 +18,7 @@ from signal_srv.call import (
     Event,
     Expire,
     Expiry,
+    HeldBudget,
     Identify,
     Join,
     Notify,
@@ -31,12 +32,16 @@ from signal_srv.call import (
     is_expired,
 )
 from signal_srv.errors import BufferFull, CallEnded, CallFull, NoPeer, ParticipantNotFound, SignalError, Unauthorized
-from signal_srv.messages import Ping, Relay
+from signal_srv.messages import Ping, Relay, to_json
 
 TTL = 10.0
 
 
 RULES = CallRules(ttl=TTL, unclaimed_ttl=1000.0, departure_timeout=1000.0, hold_limit=3)
+
+
+def relay(kind: str, payload: object) -> Relay:
+    return Relay(kind, to_json(payload))
 
 
 def make_call(participants: int = 1, rules: CallRules = RULES) -> Call:
@@ -175,7 +180,7 @@ def test_relay_goes_only_to_the_other_participant() -> None:
     call = make_call(2)
     call.handle(Connect("p0", "t0", 10), 1.0)
     call.handle(Connect("p1", "t1", 11), 1.0)
-    effects = call.handle(Receive(10, Relay("offer", {"sdp": "x"})), 2.0)
+    effects = call.handle(Receive(10, relay("offer", {"sdp": "x"})), 2.0)
     assert [e.conn for e in effects] == [11]
     assert sends(effects, 11) == [{"type": "offer", "call_id": "c1", "from": "p0", "payload": {"sdp": "x"}, "seq": 1}]
 
@@ -184,20 +189,42 @@ def test_relay_without_other_participant_is_no_peer() -> None:
     call = make_call(1)
     call.handle(Connect("p0", "t0", 10), 1.0)
     with pytest.raises(NoPeer):
-        call.handle(Receive(10, Relay("offer", 1)), 2.0)
+        call.handle(Receive(10, relay("offer", 1)), 2.0)
 
 
 def test_relay_to_a_joined_but_unconnected_peer_is_held_in_order_up_to_the_limit() -> None:
     call = make_call(2)
     call.handle(Connect("p0", "t0", 10), 1.0)
     for i in range(3):
-        assert call.handle(Receive(10, Relay("candidate", i)), 2.0) == []
+        assert call.handle(Receive(10, relay("candidate", i)), 2.0) == []
     with pytest.raises(BufferFull):
-        call.handle(Receive(10, Relay("candidate", 3)), 2.0)
+        call.handle(Receive(10, relay("candidate", 3)), 2.0)
     effects = call.handle(Connect("p1", "t1", 11), 3.0)
     delivered = sends(effects, 11)
     assert delivered[0]["type"] == "state"
     assert [(m["payload"], m["seq"]) for m in delivered[1:]] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_held_messages_are_bounded_in_bytes_per_participant_and_per_budget() -> None:
+    budget = HeldBudget(limit=2500)
+    call = Call("c1", 0.0, CallRules(ttl=TTL, hold_bytes=1000), budget)
+    other = Call("c2", 0.0, CallRules(ttl=TTL, hold_bytes=10000), budget)
+    for c in (call, other):
+        c.handle(Join("p0", "t0"), 0.0)
+        c.handle(Join("p1", "t1"), 0.0)
+        c.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Receive(10, relay("message", "x" * 400)), 2.0)
+    call.handle(Receive(10, relay("message", "x" * 400)), 2.0)
+    with pytest.raises(BufferFull, match="ws_buffer_bytes"):
+        call.handle(Receive(10, relay("message", "x" * 400)), 2.0)
+    other.handle(Receive(10, relay("message", "x" * 1200)), 2.0)
+    with pytest.raises(BufferFull, match="held_bytes_total"):
+        other.handle(Receive(10, relay("message", "x" * 400)), 2.0)
+    delivered = sends(call.handle(Connect("p1", "t1", 11), 3.0), 11)
+    assert [m["payload"] for m in delivered[1:]] == ["x" * 400] * 2
+    other.handle(Receive(10, relay("message", "x" * 400)), 4.0)  # delivery freed the budget
+    other.handle(Leave("t1"), 5.0)
+    assert budget.used == 0  # and so does a leave (or the end of the call)
 
 
 def test_ping_is_answered_with_pong_to_the_sender_only() -> None:
@@ -390,9 +417,9 @@ def connected_pair(rules: CallRules = RULES) -> Call:
 def test_a_resume_with_last_seq_replays_exactly_what_was_missed() -> None:
     call = connected_pair()
     for i in range(5):
-        call.handle(Receive(10, Relay("candidate", i)), 2.0)  # p1 gets seq 1..5
+        call.handle(Receive(10, relay("candidate", i)), 2.0)  # p1 gets seq 1..5
     call.handle(Disconnect(11), 3.0)
-    call.handle(Receive(10, Relay("candidate", 5)), 3.0)  # held while away
+    call.handle(Receive(10, relay("candidate", 5)), 3.0)  # held while away
     delivered = sends(call.handle(Connect("p1", "t1", 12, last_seq=2), 4.0), 12)
     assert [(m["seq"], m.get("payload")) for m in delivered] == [
         (3, 2), (4, 3), (5, 4), (6, None), (7, 5)]
@@ -402,7 +429,7 @@ def test_a_resume_with_last_seq_replays_exactly_what_was_missed() -> None:
 def test_a_resume_beyond_what_is_kept_fails_and_starts_fresh() -> None:
     call = connected_pair(CallRules(ttl=TTL, resume_limit=3))
     for i in range(6):
-        call.handle(Receive(10, Relay("candidate", i)), 2.0)
+        call.handle(Receive(10, relay("candidate", i)), 2.0)
     delivered = sends(call.handle(Connect("p1", "t1", 12, last_seq=1), 3.0), 12)
     assert delivered[0]["type"] == "error" and delivered[0]["code"] == "resume_failed"
     assert [m["type"] for m in delivered[1:]] == ["state"]
@@ -419,7 +446,7 @@ def test_an_impossible_last_seq_fails_the_resume(last_seq: int) -> None:
 def test_resume_buffer_is_bounded_in_bytes() -> None:
     call = connected_pair(CallRules(ttl=TTL, resume_bytes=1000))
     for _ in range(10):
-        call.handle(Receive(10, Relay("message", "x" * 300)), 2.0)
+        call.handle(Receive(10, relay("message", "x" * 300)), 2.0)
     assert call.participant("p1").sent_bytes <= 1000
 
 

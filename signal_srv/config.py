@@ -109,7 +109,7 @@ _HELP = {
     "cleanup_interval": "seconds between background sweeps that reap expired calls",
     "max_participants": "participants a call holds (2 for 1:1 calls)",
     "max_calls": "live calls before POST /apiv2/calls answers 503 capacity",
-    "list_calls": "'public': GET /apiv2/calls lists calls; 'off': it answers 404",
+    "list_calls": "'public': GET /apiv2/calls lists calls, POST ?reuse_last=true joins one; 'off': both answer 404",
     "log_level": "one of " + ", ".join(LOG_LEVELS),
     "allowed_origins": "comma-separated extra origins allowed to open sockets ('*': any); same host is always allowed",
     "heartbeat_interval": "seconds between WebSocket pings to every socket of a call",

@@ -227,6 +227,9 @@ class CallsHandler(ApiHandler):
     async def post(self) -> None:
         self.json_body()
         reuse_last = self._flag("reuse_last")
+        if reuse_last and self.config.list_calls == "off":
+            # It hands out a stranger's waiting call, as listing would.
+            raise NotFound("reuse_last is turned off on this server, as listing calls is")
         self.check_rate(self.limits.create, "create")
         claims = await self.authorize("create", *(("list", "join") if reuse_last else ()))
         if reuse_last:

@@ -230,6 +230,12 @@ async def create_bad_body(c: Ctx) -> HTTPResponse:
     return await c.fetch("POST", "/apiv2/calls", body=b'{"unterminated', headers=JSON)
 
 
+@scenario("/apiv2/calls", "post", 404, list_calls="off")
+async def reuse_last_off(c: Ctx) -> HTTPResponse:
+    await c.create()
+    return await c.fetch("POST", "/apiv2/calls?reuse_last=true")
+
+
 @scenario("/apiv2/calls", "post", 413)
 async def create_too_large(c: Ctx) -> HTTPResponse:
     return await c.fetch("POST", "/apiv2/calls", body=BIG, headers=JSON)

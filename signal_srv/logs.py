@@ -14,9 +14,12 @@ from tornado.web import RequestHandler
 
 from signal_srv.metrics import Metrics
 
-__all__ = ["JsonFormatter", "log_request", "redact", "setup_logging"]
+__all__ = ["HTTP_METHODS", "JsonFormatter", "log_request", "redact", "route_label", "setup_logging"]
 
 access_log = logging.getLogger("signal_srv.access")
+
+# Metric labels come from fixed sets, so no request can add a series: see ``route_label``.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|peer_token)=)[^&#\s'\"]*")
 
@@ -35,7 +38,13 @@ def log_request(handler: RequestHandler) -> None:
     log("%d %s %s (%s) %.2fms", status, request.method, redact(request.uri or ""), request.remote_ip, 1000.0 * seconds)
     metrics = getattr(handler, "metrics", None)
     if isinstance(metrics, Metrics):
-        metrics.request_seconds.labels(type(handler).__name__, request.method).observe(seconds)
+        method = request.method if request.method in HTTP_METHODS else "other"
+        metrics.request_seconds.labels(route_label(handler), method).observe(seconds)
+
+
+def route_label(handler: RequestHandler) -> str:
+    """The route's handler class, or ``other`` for a handler that stands for no route."""
+    return getattr(handler, "route_label", None) or type(handler).__name__
 
 
 class TextFormatter(logging.Formatter):

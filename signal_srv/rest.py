@@ -384,5 +384,7 @@ class MetricsHandler(JsonHandler):
 class NotFoundHandler(ApiHandler):
     """Every unknown route."""
 
+    route_label = "other"  # one metric label for every unknown path
+
     def prepare(self) -> None:
         raise NotFound(f"no route for {self.request.path[:100]}")

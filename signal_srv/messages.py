@@ -29,6 +29,7 @@ __all__ = [
     "relayed",
     "server_shutdown",
     "to_json",
+    "whole_number",
     "with_seq",
 ]
 
@@ -37,6 +38,10 @@ RELAY_TYPES = frozenset({"offer", "answer", "candidate", "bye", "message"})
 # Room left for the envelope the server adds around a payload ("call_id", "from", "seq"),
 # so that a relayed frame still fits the peer's max_message_size.
 RELAY_OVERHEAD = 256
+
+# More digits than any count, length or seq the server takes: longer numbers are refused
+# before int() sees them (over 4300 digits it raises, and long before that it is slow).
+MAX_DIGITS = 18
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -72,6 +77,11 @@ def _finite_float(text: str) -> float:
 def is_decimal(text: str) -> bool:
     """True for ASCII digits only (``str.isdigit`` also accepts e.g. superscripts)."""
     return text.isascii() and text.isdigit()
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` as a non-negative int if it is 1 to ``MAX_DIGITS`` ASCII digits, else None."""
+    return int(text) if len(text) <= MAX_DIGITS and is_decimal(text) else None
 
 
 def loads(text: str | bytes) -> Any:

@@ -135,7 +135,12 @@ class ApiHandler(JsonHandler):
 
     def prepare(self) -> None:
         length = self.request.headers.get("Content-Length")
-        if length is not None and messages.is_decimal(length) and int(length) > self.config.max_body_size:
+        if length is None or not messages.is_decimal(length):
+            return  # none, or malformed: Tornado's HTTP layer refuses the latter
+        size = messages.whole_number(length)
+        if size is None:
+            raise BadRequest(f"Content-Length has more than {messages.MAX_DIGITS} digits")
+        if size > self.config.max_body_size:
             raise PayloadTooLarge(f"request body over {self.config.max_body_size} bytes")
 
     def data_received(self, chunk: bytes) -> None:
@@ -249,10 +254,10 @@ class CallsHandler(ApiHandler):
         status = self.get_query_argument("status", None)
         if status not in (None, Status.WAITING.value, Status.ACTIVE.value):
             raise BadRequest("status must be 'waiting' or 'active'")
-        limit_text = self.get_query_argument("limit", str(DEFAULT_LIMIT))
-        if not messages.is_decimal(limit_text) or not 1 <= int(limit_text) <= MAX_LIMIT:
+        limit = messages.whole_number(self.get_query_argument("limit", str(DEFAULT_LIMIT)))
+        if limit is None or not 1 <= limit <= MAX_LIMIT:
             raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
-        calls = self.registry.list(Status(status) if status else None, int(limit_text), _admin(claims))
+        calls = self.registry.list(Status(status) if status else None, limit, _admin(claims))
         self.reply(200, {"calls": [c.to_dict() for c in calls]})
 
     def _flag(self, name: str) -> bool:

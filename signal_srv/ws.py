@@ -129,13 +129,13 @@ class SignalingSocket(WebSocketHandler):
         if not (call_id and peer_id and token):
             self.close(BAD_QUERY, "call_id, peer_id and token are required")
             return
-        if last_seq is not None and not (messages.is_decimal(last_seq) or last_seq == "-1"):
+        resume_from = None if last_seq is None else -1 if last_seq == "-1" else messages.whole_number(last_seq)
+        if last_seq is not None and resume_from is None:
             self.close(BAD_QUERY, "last_seq must be a whole number")
             return
         try:
             # Set before the await, so a close that races the join still reaches the actor.
             self._actor = self.registry.get(call_id)
-            resume_from = int(last_seq) if last_seq is not None else None
             await self._actor.ask(Connect(peer_id, token, self.conn, resume_from), self.config.ask_timeout, socket=self)
         except CallNotFound:
             self._refuse(CALL_NOT_FOUND, "call_not_found")

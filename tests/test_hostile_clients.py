@@ -5,11 +5,15 @@ Each test is an attack from the security review, through real HTTP and WebSocket
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 
 import pytest
+from tornado.iostream import IOStream
 
 from signal_srv.client import SignalingClient
+from tests.conftest import TIMEOUT
 
 
 @pytest.mark.settings(list_calls="off")
@@ -47,3 +51,37 @@ async def test_made_up_methods_and_paths_add_no_metric_series(client: SignalingC
     after = await scrape()
     assert after == before
     assert any('method="other"' in s for s in after) and any('route="other"' in s for s in after)
+
+
+HUGE = "9" * 5000  # over Python's 4300-digit limit for int()
+
+
+@pytest.mark.parametrize("limit", [HUGE, "1" * 19, "0" * 4999 + "1"], ids=["5000 digits", "19", "leading zeros"])
+async def test_a_huge_limit_is_400_not_a_crash(client: SignalingClient, limit: str) -> None:
+    status, body, _ = await client.request("GET", f"/apiv2/calls?limit={limit}")
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+
+
+async def raw_request(port: int, head: str) -> bytes:
+    """Send a request head over a plain TCP connection; everything the server answers until it closes."""
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", port))
+    await stream.write(head.encode())
+    return await asyncio.wait_for(stream.read_until_close(), TIMEOUT)
+
+
+async def test_a_huge_content_length_is_400_not_a_crash(base_url: str) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    answer = await raw_request(port, f"POST /apiv2/calls HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                     f"Content-Type: application/json\r\nContent-Length: {HUGE}\r\n\r\n{{}}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+async def test_a_huge_last_seq_closes_the_socket_with_4400(client: SignalingClient) -> None:
+    host = await client.create_call()
+    socket = await client.connect_as(host, last_seq=HUGE)
+    assert await socket.wait_closed() == (4400, "last_seq must be a whole number")
+    again = await client.connect_as(host, last_seq="1" * 19)
+    assert await again.wait_closed() == (4400, "last_seq must be a whole number")

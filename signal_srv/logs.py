@@ -1,7 +1,8 @@
 """The logging policy: access lines without secrets, text or JSON output, redaction as a backstop.
 
 Peer tokens ride in the socket URL's query, so every URL is redacted before it is logged,
-and the output formatters redact once more whatever a library logs on its own.
+and the output formatters redact once more whatever a library logs on its own. Parameter
+names are compared decoded, as the server reads them: ``tok%65n=`` is a ``token`` too.
 """
 
 from __future__ import annotations
@@ -9,24 +10,34 @@ from __future__ import annotations
 import json
 import logging
 import re
+from urllib.parse import unquote_plus
 
 from tornado.web import RequestHandler
 
 from signal_srv.metrics import Metrics
 
-__all__ = ["HTTP_METHODS", "JsonFormatter", "log_request", "redact", "route_label", "setup_logging"]
+__all__ = ["HTTP_METHODS", "SECRET_PARAMETERS", "JsonFormatter", "log_request", "redact", "route_label", "setup_logging"]
 
 access_log = logging.getLogger("signal_srv.access")
 
 # Metric labels come from fixed sets, so no request can add a series: see ``route_label``.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|peer_token)=)[^&#\s'\"]*")
+SECRET_PARAMETERS = frozenset({"token", "peer_token"})
+
+# A query parameter (name=value) anywhere in a text; the name is matched as written.
+_QUERY_PARAMETER = re.compile(r"(?<=[?&;])([^=&;?#\s'\"]+)=([^&;#\s'\"]*)")
 
 
 def redact(text: str) -> str:
-    """``text`` with secret query values replaced, fit for a log line."""
-    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+    """``text`` with the values of secret query parameters replaced, fit for a log line."""
+    return _QUERY_PARAMETER.sub(_redact_parameter, text) if "=" in text else text
+
+
+def _redact_parameter(match: re.Match[str]) -> str:
+    if unquote_plus(match.group(1)).strip().lower() in SECRET_PARAMETERS:
+        return match.group(1) + "=[redacted]"
+    return match.group(0)
 
 
 def log_request(handler: RequestHandler) -> None:

@@ -14,6 +14,7 @@ from tornado.iostream import IOStream
 
 from signal_srv.client import SignalingClient
 from tests.conftest import TIMEOUT
+from tests.live_server import LiveServer, SyncSocket, http
 
 
 @pytest.mark.settings(list_calls="off")
@@ -85,3 +86,28 @@ async def test_a_huge_last_seq_closes_the_socket_with_4400(client: SignalingClie
     assert await socket.wait_closed() == (4400, "last_seq must be a whole number")
     again = await client.connect_as(host, last_seq="1" * 19)
     assert await again.wait_closed() == (4400, "last_seq must be a whole number")
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_tokens_are_redacted_under_percent_encoded_names(log_format: str) -> None:
+    server = LiveServer(log_format=log_format).start()
+    try:
+        status, host, _ = http("POST", server.base_url + "/apiv2/calls")
+        assert status == 201
+        token = host["peer_token"]
+        for name in ("tok%65n", "%74oken", "%74%6F%6B%65%6E"):
+            # These names are "token" to the server: the socket is accepted.
+            query = f"call_id={host['call_id']}&peer_id={host['peer_id']}&{name}={token}"
+            socket = SyncSocket(f"{server.ws_url}/apiv2/ws?{query}")
+            assert socket.recv()["type"] == "state"
+            socket.close()
+            http("GET", f"{server.base_url}/apiv2/calls?{name}={token}&peer_%74oken={token}")
+        http("GET", f"{server.base_url}/apiv2/calls?Tok%65n={token}")
+        status, _, _ = http("GET", server.base_url + "/healthz")  # its access line follows the others
+        assert status == 200
+    finally:
+        assert server.stop() == 0
+    access = [line for line in server.lines if "/apiv2/calls?" in line or "/apiv2/ws?" in line]
+    assert len(access) >= 7
+    assert not [line for line in server.lines if token in line]
+    assert all("=[redacted]" in line for line in access)

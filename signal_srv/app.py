@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tornado.web import Application, StaticFileHandler
+from tornado.httputil import HTTPServerRequest
+from tornado.web import Application
 
 from signal_srv.auth import make_verifier
 from signal_srv.call import CallRules
 from signal_srv.config import Config
+from signal_srv.headers import DemoFileHandler
+from signal_srv.hosts import host_allowed
 from signal_srv.limits import Limits
 from signal_srv.logs import log_request
 from signal_srv.metrics import Metrics
@@ -22,6 +25,7 @@ from signal_srv.rest import (
     CurrentCallHandler,
     EndHandler,
     HealthHandler,
+    HostRefusedHandler,
     JoinHandler,
     LeaveHandler,
     MetricsHandler,
@@ -32,9 +36,26 @@ from signal_srv.rest import (
 from signal_srv.webhooks import Webhooks
 from signal_srv.ws import SignalingSocket
 
-__all__ = ["STATIC_DIR", "make_app", "make_metrics_app", "make_registry"]
+__all__ = ["STATIC_DIR", "GuardedApplication", "make_app", "make_metrics_app", "make_registry"]
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+
+
+class GuardedApplication(Application):
+    """An ``Application`` that answers only to ``allowed_hosts`` (see ``hosts``).
+
+    A request to another host, a socket handshake too, gets ``400 host_not_allowed`` before
+    any route sees it.
+    """
+
+    def __init__(self, routes: list[Any], *, allowed_hosts: tuple[str, ...], **settings: Any) -> None:
+        super().__init__(routes, **settings)
+        self.allowed_hosts = allowed_hosts
+
+    def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> Any:
+        if not host_allowed(request.host_name, self.allowed_hosts):
+            return self.get_handler_delegate(request, HostRefusedHandler, self.settings.get("default_handler_args"))
+        return super().find_handler(request, **kwargs)
 
 
 def make_registry(config: Config) -> Registry:
@@ -100,11 +121,12 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         (r"/readyz", ReadyHandler, api),
         (r"/apiv2/openapi.json", OpenApiHandler, {}),
         *([] if config.metrics_port else [(r"/metrics", MetricsHandler, deps)]),
-        (r"/()", StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
-        (r"/([\w-]+\.(?:html|js|css|svg|ico))", StaticFileHandler, {"path": STATIC_DIR}),
+        (r"/()", DemoFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
+        (r"/([\w-]+\.(?:html|js|css|svg|ico))", DemoFileHandler, {"path": STATIC_DIR}),
     ]
-    return Application(
+    return GuardedApplication(
         routes,
+        allowed_hosts=config.allowed_hosts,
         registry=registry,
         auth=auth,
         default_handler_class=NotFoundHandler,
@@ -114,6 +136,9 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
     )
 
 
-def make_metrics_app(registry: Registry) -> Application:
+def make_metrics_app(registry: Registry, config: Config) -> Application:
     """``/metrics`` alone, for a separate, non-public ``metrics_port``."""
-    return Application([(r"/metrics", MetricsHandler, {"metrics": registry.metrics})], log_function=log_request)
+    deps = {"metrics": registry.metrics}
+    return GuardedApplication([(r"/metrics", MetricsHandler, deps)], allowed_hosts=config.allowed_hosts,
+                              default_handler_class=NotFoundHandler, default_handler_args=deps,
+                              log_function=log_request)

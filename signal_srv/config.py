@@ -28,6 +28,7 @@ from tornado.options import OptionParser
 
 from signal_srv import auth
 from signal_srv.errors import ConfigError
+from signal_srv.hosts import is_host_pattern
 
 __all__ = ["ENV_PREFIX", "Config", "ignored_environment", "load_config", "option_parser"]
 
@@ -52,6 +53,7 @@ class Config:
     list_calls: str = "public"
     log_level: str = "info"
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ("localhost",)
     heartbeat_interval: float = 20.0
     heartbeat_timeout: float = 60.0
     ws_buffer_limit: int = 64
@@ -112,6 +114,8 @@ _HELP = {
     "list_calls": "'public': GET /apiv2/calls lists calls, POST ?reuse_last=true joins one; 'off': both answer 404",
     "log_level": "one of " + ", ".join(LOG_LEVELS),
     "allowed_origins": "comma-separated extra origins allowed to open sockets ('*': any); same host is always allowed",
+    "allowed_hosts": "comma-separated host names the server answers to ('*.example.org': its subdomains; '*': any);"
+                     " IP literals always; other hosts get 400",
     "heartbeat_interval": "seconds between WebSocket pings to every socket of a call",
     "heartbeat_timeout": "seconds a socket may leave a ping unanswered before it is dropped as dead",
     "ws_buffer_limit": "relayed messages held for a joined participant that is not connected",
@@ -313,6 +317,8 @@ def _checked(c: Config) -> Config:
              c.webhook_url, "must be an http:// or https:// URL")
     _require(not c.webhook_url or bool(c.webhook_secret), "webhook_url", c.webhook_url,
              "needs webhook_secret to sign the events")
+    _require(all(is_host_pattern(h) for h in c.allowed_hosts), "allowed_hosts", ",".join(c.allowed_hosts),
+             "every entry must be a host name without scheme or port, '*.' and a domain, '*', or an IP address")
     _check_ice_servers(c.ice_servers)
     return _checked_auth(c)
 

@@ -2,8 +2,9 @@
 
     SignalError
     ├── BadRequest (400 bad_request)
-    │   └── BadMessage (400 bad_message)
-    │       └── UnknownType (400 unknown_type)
+    │   ├── BadMessage (400 bad_message)
+    │   │   └── UnknownType (400 unknown_type)
+    │   └── HostNotAllowed (400 host_not_allowed)
     ├── Unauthorized (401 unauthorized)
     │   ├── MissingToken (401 unauthorized: no bearer token at all)
     │   └── InvalidToken (401 unauthorized: a bad access token)
@@ -39,6 +40,7 @@ __all__ = [
     "Capacity",
     "ConfigError",
     "Forbidden",
+    "HostNotAllowed",
     "InvalidToken",
     "MethodNotAllowed",
     "MissingToken",
@@ -79,6 +81,12 @@ class BadMessage(BadRequest):
 
 class UnknownType(BadMessage):
     code, default_message = "unknown_type", "unknown message type"
+
+
+class HostNotAllowed(BadRequest):
+    """The request's ``Host`` is not one of ``allowed_hosts`` (a defence against DNS rebinding)."""
+
+    code, default_message = "host_not_allowed", "this server does not answer to that host"
 
 
 class Unauthorized(SignalError):

@@ -22,6 +22,7 @@ from signal_srv.errors import (
     BadRequest,
     Capacity,
     Forbidden,
+    HostNotAllowed,
     MissingToken,
     NotFound,
     PayloadTooLarge,
@@ -31,6 +32,7 @@ from signal_srv.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from signal_srv.headers import add_security_headers
 from signal_srv.limits import Limits, RateLimiter
 from signal_srv.metrics import Metrics
 from signal_srv.registry import Registry, new_ids
@@ -43,6 +45,7 @@ __all__ = [
     "CurrentCallHandler",
     "EndHandler",
     "HealthHandler",
+    "HostRefusedHandler",
     "JsonHandler",
     "JoinHandler",
     "LeaveHandler",
@@ -72,6 +75,7 @@ class JsonHandler(RequestHandler):
     metrics: Metrics | None = None
 
     def set_default_headers(self) -> None:
+        add_security_headers(self)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
 
@@ -386,10 +390,31 @@ class MetricsHandler(JsonHandler):
         self.finish(self.exporter.render())
 
 
-class NotFoundHandler(ApiHandler):
-    """Every unknown route."""
+@stream_request_body
+class RefusingHandler(JsonHandler):
+    """Answers every request with the error ``prepare`` raises, without reading its body.
 
-    route_label = "other"  # one metric label for every unknown path
+    Needs nothing but the metrics, so that any application can route to it.
+    """
+
+    route_label = "other"  # one metric label for every unknown path or host
+
+    def initialize(self, metrics: Metrics | None = None, **_: Any) -> None:
+        self.metrics = metrics
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
+
+
+class NotFoundHandler(RefusingHandler):
+    """Every unknown route."""
 
     def prepare(self) -> None:
         raise NotFound(f"no route for {self.request.path[:100]}")
+
+
+class HostRefusedHandler(RefusingHandler):
+    """Every request whose ``Host`` is not in ``allowed_hosts``."""
+
+    def prepare(self) -> None:
+        raise HostNotAllowed(f"this server does not answer to the host {self.request.host_name[:100]!r}")

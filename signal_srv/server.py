@@ -47,7 +47,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     servers = [make_server(app, config)]
     servers[0].listen(config.port, config.address)
     if config.metrics_port:
-        servers.append(DrainingHTTPServer(make_metrics_app(registry)))
+        servers.append(DrainingHTTPServer(make_metrics_app(registry, config)))
         servers[1].listen(config.metrics_port, config.address)
     registry.start_sweeping(config.cleanup_interval)
     loop = asyncio.get_running_loop()

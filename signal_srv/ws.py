@@ -11,6 +11,7 @@ import logging
 import time
 from asyncio import Future
 from typing import Any, Awaitable
+from urllib.parse import urlparse
 
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
@@ -20,6 +21,8 @@ from signal_srv.actor import CallActor
 from signal_srv.call import Connect, Disconnect, Receive
 from signal_srv.config import Config
 from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unauthorized
+from signal_srv.headers import add_security_headers
+from signal_srv.hosts import host_allowed
 from signal_srv.limits import Limits, TokenBucket
 from signal_srv.logs import redact
 from signal_srv.metrics import Metrics
@@ -95,6 +98,9 @@ class SignalingSocket(WebSocketHandler):
         self._rate: TokenBucket | None = None
         self._strikes = 0
 
+    def set_default_headers(self) -> None:
+        add_security_headers(self)
+
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Tornado's own line would print the request URL, and with it the peer token.
         logger.error("uncaught exception in socket %s", redact(self.request.uri or ""), exc_info=(typ, value, tb))
@@ -104,8 +110,11 @@ class SignalingSocket(WebSocketHandler):
         return getattr(self.ws_connection, "stream", None)
 
     def check_origin(self, origin: str) -> bool:
+        """``allowed_origins``, or the same origin on one of ``allowed_hosts`` (``Host`` alone proves nothing)."""
         allowed = self.config.allowed_origins
-        if "*" in allowed or origin in allowed or super().check_origin(origin):
+        if "*" in allowed or origin in allowed:
+            return True
+        if super().check_origin(origin) and host_allowed(urlparse(origin).hostname or "", self.config.allowed_hosts):
             return True
         logger.warning("refused a socket from origin %s", origin[:200])
         return False

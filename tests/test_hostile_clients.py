@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from typing import Any
 
 import pytest
 from tornado.iostream import IOStream
@@ -111,3 +112,124 @@ def test_tokens_are_redacted_under_percent_encoded_names(log_format: str) -> Non
     assert len(access) >= 7
     assert not [line for line in server.lines if token in line]
     assert all("=[redacted]" in line for line in access)
+
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def assert_secure(headers: dict[str, str]) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        assert headers.get(name) == value, (name, headers)
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert "camera=(self)" in headers["Permissions-Policy"] and "microphone=(self)" in headers["Permissions-Policy"]
+    assert "Server" not in headers, headers["Server"]
+
+
+async def test_the_demo_page_carries_its_security_policy(client: SignalingClient) -> None:
+    response = await client.http.fetch(client.base_url + "/?call=AAAAAAAAAAAAAAAAAAAAAA")
+    headers = dict(response.headers)
+    assert headers["Content-Type"].startswith("text/html")
+    assert_secure(headers)
+    policy = {d.split()[0]: d.split()[1:] for d in headers["Content-Security-Policy"].split("; ")}
+    assert policy["default-src"] == ["'self'"] and policy["object-src"] == ["'none'"]
+    assert "'unsafe-inline'" not in headers["Content-Security-Policy"]
+    for name in ("demo.js", "demo.css"):
+        assert_secure(dict((await client.http.fetch(f"{client.base_url}/{name}")).headers))
+
+
+async def test_json_answers_are_not_stored_and_reveal_no_server_version(client: SignalingClient) -> None:
+    answers = [
+        await client.request("POST", "/apiv2/calls"),  # credentials
+        await client.request("GET", "/apiv2/calls/AAAAAAAAAAAAAAAAAAAAAA"),  # an error
+        await client.request("GET", "/no/such/path"),
+        await client.request("DELETE", "/healthz"),
+    ]
+    assert [status for status, _, _ in answers] == [201, 404, 404, 405]
+    for _, _, headers in answers:
+        assert headers["Cache-Control"] == "no-store"
+        assert headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"
+        assert_secure(headers)
+
+
+async def handshake(base_url: str, query: str, headers: dict[str, str] | None = None) -> str:
+    """Open a socket over plain TCP with ``headers`` (Host: 127.0.0.1:port unless given); the answer's head."""
+    port = int(base_url.rsplit(":", 1)[1])
+    lines = {"Host": f"127.0.0.1:{port}", **(headers or {})}
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", port))
+    await stream.write((f"GET /apiv2/ws?{query} HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                        + "".join(f"{k}: {v}\r\n" for k, v in lines.items()) + "\r\n").encode())
+    try:
+        return (await asyncio.wait_for(stream.read_until(b"\r\n\r\n"), TIMEOUT)).decode()
+    finally:
+        stream.close()
+
+
+def socket_query(credentials: dict[str, Any]) -> str:
+    return f"call_id={credentials['call_id']}&peer_id={credentials['peer_id']}&token={credentials['peer_token']}"
+
+
+async def test_the_socket_handshake_reveals_no_server_version(base_url: str, client: SignalingClient) -> None:
+    head = await handshake(base_url, socket_query(await client.create_call()))
+    assert head.startswith("HTTP/1.1 101")
+    assert "\r\nserver:" not in head.lower() and "nosniff" in head
+
+
+# DNS rebinding: a page on evil.example, its name rebound to 127.0.0.1, sends Host: evil.example.
+
+
+async def test_a_rebound_host_is_refused_on_a_default_server(base_url: str, client: SignalingClient) -> None:
+    host = await client.create_call()
+    head = await handshake(base_url, socket_query(host), {"Host": "evil.example", "Origin": "http://evil.example"})
+    assert head.startswith("HTTP/1.1 400 ")
+    for method, path in (("GET", "/apiv2/calls"), ("POST", "/apiv2/calls"), ("GET", f"/apiv2/calls/{host['call_id']}"),
+                         ("GET", "/"), ("GET", "/metrics"), ("GET", "/no/such/path")):
+        status, body, headers = await client.request(method, path, headers={"Host": "evil.example:8080"})
+        assert (status, body["error"]["code"]) == (400, "host_not_allowed"), (method, path)
+        assert headers["Cache-Control"] == "no-store"
+    assert [c["call_id"] for c in await client.list_calls()] == [host["call_id"]]  # nothing was created
+
+
+@pytest.mark.parametrize("name", ["127.0.0.1", "localhost", "LocalHost.", "[::1]", "10.1.2.3"])
+async def test_ip_literals_and_localhost_are_served_on_a_default_server(client: SignalingClient, name: str) -> None:
+    status, _, _ = await client.request("GET", "/healthz", headers={"Host": f"{name}:8080"})
+    assert status == 200
+
+
+async def test_the_same_origin_counts_only_on_an_allowed_host(
+    base_url: str, client: SignalingClient, log_guard: Any
+) -> None:
+    log_guard.expect("signal_srv.ws", "refused a socket from origin")
+    query = socket_query(await client.create_call())
+    port = base_url.rsplit(":", 1)[1]
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+        head = await handshake(base_url, query, {"Host": origin.split("//")[1], "Origin": origin})
+        assert head.startswith("HTTP/1.1 101"), origin
+    head = await handshake(base_url, query, {"Origin": "http://evil.example"})  # Host: 127.0.0.1
+    assert head.startswith("HTTP/1.1 403 ")
+
+
+@pytest.mark.settings(allowed_hosts=("call.example.org", "*.calls.example.org"))
+async def test_allowed_hosts_names_the_hosts_served(base_url: str, client: SignalingClient, log_guard: Any) -> None:
+    log_guard.expect("signal_srv.ws", "refused a socket from origin")
+    for name, served in (("call.example.org", True), ("a.calls.example.org", True), ("calls.example.org", False),
+                         ("localhost", False), ("127.0.0.1", True), ("evil.example", False)):
+        status, _, _ = await client.request("GET", "/healthz", headers={"Host": name})
+        assert status == (200 if served else 400), name
+    query = socket_query(await client.create_call())
+    head = await handshake(base_url, query, {"Host": "call.example.org", "Origin": "https://call.example.org"})
+    assert head.startswith("HTTP/1.1 101")
+    head = await handshake(base_url, query, {"Origin": "http://evil.example"})
+    assert head.startswith("HTTP/1.1 403 ")
+
+
+@pytest.mark.settings(allowed_hosts=("*",))
+async def test_allowed_hosts_star_serves_any_host(base_url: str, client: SignalingClient) -> None:
+    head = await handshake(base_url, socket_query(await client.create_call()),
+                           {"Host": "any.example", "Origin": "http://any.example"})
+    assert head.startswith("HTTP/1.1 101")

@@ -705,3 +705,16 @@ async def test_served_document_is_the_package_file(base_url: str, log_guard: Any
 async def test_unicode_digit_limit_is_bad_request_not_500(base_url: str, log_guard: Any) -> None:
     response = await Ctx(base_url, log_guard).fetch("GET", "/apiv2/calls?limit=" + quote("²"))
     assert response.code == 400, response.body
+
+
+@pytest.mark.parametrize("path", list(DOC["paths"]))
+async def test_every_route_refuses_a_host_it_does_not_serve(path: str, base_url: str, log_guard: Any) -> None:
+    """A Host outside allowed_hosts is 400 host_not_allowed, as components.responses.HostNotAllowed says."""
+    c = Ctx(base_url, log_guard)
+    target = path.replace("{call_id}", (await c.create())["call_id"])
+    for method in sorted(documented_methods(path)):
+        response = await c.fetch(method.upper(), target, headers={"Host": "rebound.example"})
+        assert response.code == 400, f"{method.upper()} {path}: {response.code}"
+        assert response.headers["Content-Type"].startswith("application/json")
+        validate_schema(json.loads(response.body), "components", "responses", "HostNotAllowed",
+                        "content", "application/json", "schema")

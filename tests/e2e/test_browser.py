@@ -76,8 +76,10 @@ class Browser:
         return page
 
     def assert_no_page_errors(self) -> None:
-        errors = [f"{tab.name}: {line}" for tab in self.tabs for line in tab.console if line.startswith("pageerror")]
-        assert not errors, "uncaught errors in the demo page:\n" + "\n".join(errors)
+        """No uncaught error, and nothing the page's Content Security Policy had to refuse."""
+        errors = [f"{tab.name}: {line}" for tab in self.tabs for line in tab.console
+                  if line.startswith("pageerror") or "Content Security Policy" in line]
+        assert not errors, "errors in the demo page:\n" + "\n".join(errors)
 
 
 @contextlib.contextmanager

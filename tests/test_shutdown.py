@@ -51,15 +51,15 @@ def test_sigterm_answers_the_requests_in_flight_and_closes_idle_connections() ->
     server = LiveServer(shutdown_timeout=4 * TIMEOUT).start()
     try:
         idle = RawHttp(server.port)
-        idle.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        idle.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert idle.response()[0] == 200  # the connection is kept alive, and now idle
         create = RawHttp(server.port)
-        create.send(b"POST /apiv2/calls HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        create.send(b"POST /apiv2/calls HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: 2\r\n\r\n")
         config = RawHttp(server.port)
-        config.send(b"GET /apiv2/config HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n")
+        config.send(b"GET /apiv2/config HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n")
         partial = RawHttp(server.port)
-        partial.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        partial.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         server.terminate()
         server.wait_for_log(STOPPING)
 
@@ -88,7 +88,7 @@ def test_shutdown_timeout_bounds_a_drain_whose_request_never_completes() -> None
     server = LiveServer(shutdown_timeout=0.5).start()
     try:
         stuck = RawHttp(server.port)
-        stuck.send(b"POST /apiv2/calls HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n")
+        stuck.send(b"POST /apiv2/calls HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n")
         server.terminate()
         server.wait_for_log(r"shutdown took longer than 0\.5 s; exiting anyway, cutting 1 HTTP connections")
         assert stuck.closed_by_server(), stuck.buffer

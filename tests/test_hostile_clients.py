@@ -72,13 +72,16 @@ async def raw_request(port: int, head: str) -> bytes:
     return await asyncio.wait_for(stream.read_until_close(), TIMEOUT)
 
 
-async def test_a_huge_content_length_is_400_not_a_crash(base_url: str) -> None:
+@pytest.mark.parametrize("request_line", ["POST /apiv2/calls", "GET /healthz", "GET /metrics", "GET /",
+                                          "GET /apiv2/openapi.json", "GET /apiv2/ws"])
+async def test_a_huge_content_length_is_400_not_a_crash(base_url: str, request_line: str) -> None:
     port = int(base_url.rsplit(":", 1)[1])
-    answer = await raw_request(port, f"POST /apiv2/calls HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    answer = await raw_request(port, f"{request_line} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                                      f"Content-Type: application/json\r\nContent-Length: {HUGE}\r\n\r\n{{}}")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
-    assert json.loads(body)["error"]["code"] == "bad_request"
+    if body:  # the JSON routes answer; Tornado refuses for the others before they see the request
+        assert json.loads(body)["error"]["code"] == "bad_request"
 
 
 async def test_a_huge_last_seq_closes_the_socket_with_4400(client: SignalingClient) -> None:

@@ -14,11 +14,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from signal_srv.call import Receive
 from signal_srv.client import SignalingClient
 from signal_srv.registry import Registry
 from tests.conftest import TIMEOUT
 from tests.live_server import LiveServer, SyncSocket, http
+from tests.test_robustness import crash_on_receive
 
 MAX_MESSAGE_SIZE = 65536
 RELAY_OVERHEAD = 256  # messages.RELAY_OVERHEAD: the largest client frame is this much under the limit
@@ -171,15 +171,7 @@ async def test_a_crashed_call_frees_what_it_held(client: SignalingClient, regist
     socket.send("ping")
     await socket.wait_for("pong")
     assert registry.held.used > 1000
-    actor = registry.get(host["call_id"])
-    handle = actor.call.handle
-
-    def explode(event: Any, now: float) -> Any:
-        if isinstance(event, Receive):
-            raise RuntimeError("injected fault")
-        return handle(event, now)
-
-    actor.call.handle = explode  # type: ignore[method-assign]
+    crash_on_receive(registry.get(host["call_id"]))
     socket.send("message", "boom")
     assert await socket.wait_closed() == (1011, "internal error")
     assert registry.held.used == 0

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import time_machine
 
+from signal_srv.actor import CallActor
 from signal_srv.call import End, Receive
 from signal_srv.client import ApiError, SignalingClient
 from signal_srv.registry import Registry
@@ -26,12 +27,8 @@ from tests.test_ws import assert_relays, make_pair
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_a_crash_in_one_actor_ends_only_that_call(
-    client: SignalingClient, registry: Registry, log_guard: Any
-) -> None:
-    log_guard.expect("signal_srv.actor", "crashed; ending it")
-    bad, good = await make_pair(client), await make_pair(client)
-    actor = registry.get(bad.call_id)
+def crash_on_receive(actor: CallActor) -> None:
+    """Make the next frame a socket sends to ``actor`` crash it, as a bug in the call would."""
     handle = actor.call.handle
 
     def explode(event: Any, now: float) -> Any:
@@ -40,6 +37,14 @@ async def test_a_crash_in_one_actor_ends_only_that_call(
         return handle(event, now)
 
     actor.call.handle = explode  # type: ignore[method-assign]
+
+
+async def test_a_crash_in_one_actor_ends_only_that_call(
+    client: SignalingClient, registry: Registry, log_guard: Any
+) -> None:
+    log_guard.expect("signal_srv.actor", "crashed; ending it")
+    bad, good = await make_pair(client), await make_pair(client)
+    crash_on_receive(registry.get(bad.call_id))
     bad.a.send("message", "boom")
     for conn in (bad.a, bad.b):
         ended = await conn.wait_for("call_ended")

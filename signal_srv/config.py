@@ -113,7 +113,8 @@ _HELP = {
     "max_calls": "live calls before POST /apiv2/calls answers 503 capacity",
     "list_calls": "'public': GET /apiv2/calls lists calls, POST ?reuse_last=true joins one; 'off': both answer 404",
     "log_level": "one of " + ", ".join(LOG_LEVELS),
-    "allowed_origins": "comma-separated extra origins allowed to open sockets ('*': any); same host is always allowed",
+    "allowed_origins": "comma-separated extra origins allowed to open sockets ('*': any);"
+                       " the same origin on an allowed host always is",
     "allowed_hosts": "comma-separated host names the server answers to ('*.example.org': its subdomains; '*': any);"
                      " IP literals always; other hosts get 400",
     "heartbeat_interval": "seconds between WebSocket pings to every socket of a call",

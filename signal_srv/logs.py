@@ -16,7 +16,9 @@ from tornado.web import RequestHandler
 
 from signal_srv.metrics import Metrics
 
-__all__ = ["HTTP_METHODS", "SECRET_PARAMETERS", "JsonFormatter", "log_request", "redact", "route_label", "setup_logging"]
+__all__ = [
+    "HTTP_METHODS", "SECRET_PARAMETERS", "JsonFormatter", "log_request", "redact", "route_label", "setup_logging",
+]
 
 access_log = logging.getLogger("signal_srv.access")
 

@@ -212,6 +212,14 @@ class CallActor:
         Raises the ``SignalError`` the call refused the event with, ``CallEnded`` if the
         actor stops first, or ``CallBusy`` if the inbox is full or the answer is late.
         """
+        reply = self.ask_nowait(event, socket)
+        try:
+            return await asyncio.wait_for(asyncio.shield(reply), timeout)
+        except TimeoutError:
+            raise CallBusy("the call did not answer in time") from None
+
+    def ask_nowait(self, event: Event, socket: Socket | None = None) -> asyncio.Future[Any]:
+        """Queue an event now and return the future of its answer (see ``ask``)."""
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._check_alive()
         try:
@@ -219,10 +227,12 @@ class CallActor:
         except QueueFull:
             self.log.warning("inbox full (%d envelopes), refusing %s", self._queue.maxsize, type(event).__name__)
             raise CallBusy() from None
-        try:
-            return await asyncio.wait_for(asyncio.shield(reply), timeout)
-        except TimeoutError:
-            raise CallBusy("the call did not answer in time") from None
+        return reply
+
+    async def describe(self, timeout: float, peers: bool = False) -> CallSummary:
+        """The call's summary (``CallRef``'s way to read it wherever the call runs)."""
+        self._check_alive()
+        return self.summary(peers)
 
     def _check_alive(self) -> None:
         if not self._alive:

@@ -17,6 +17,7 @@ from signal_srv.limits import Limits
 from signal_srv.logs import log_request
 from signal_srv.metrics import Metrics
 from signal_srv.openapi import OpenApiHandler
+from signal_srv.placement import make_placement
 from signal_srv.registry import Registry
 from signal_srv.rest import (
     CallHandler,
@@ -59,7 +60,7 @@ class GuardedApplication(Application):
 
 
 def make_registry(config: Config) -> Registry:
-    """A registry for ``config``, with its own ``Metrics``."""
+    """A registry for ``config``, with its own ``Metrics`` and placement (a cluster's with ``redis_url``)."""
     rules = CallRules(
         ttl=config.call_ttl,
         unclaimed_ttl=config.unclaimed_ttl,
@@ -87,6 +88,7 @@ def make_registry(config: Config) -> Registry:
         mailbox_size=config.mailbox_size,
         heartbeat_interval=config.heartbeat_interval,
         heartbeat_timeout=config.heartbeat_timeout,
+        placement=make_placement(config, metrics),
     )
 
 

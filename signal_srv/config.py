@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+import urllib.parse
 import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -29,10 +30,12 @@ from tornado.options import OptionParser
 from signal_srv import auth
 from signal_srv.errors import ConfigError
 from signal_srv.hosts import is_host_pattern
+from signal_srv.messages import is_decimal
 
 __all__ = ["ENV_PREFIX", "Config", "ignored_environment", "load_config", "option_parser"]
 
 ENV_PREFIX = "SIGNAL_SRV_"
+NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Kubernetes (and Docker's legacy links) set <SERVICE>_PORT=tcp://<host>:<port>.
@@ -99,6 +102,9 @@ class Config:
     jwt_audience: str = ""
     jwt_issuer: str = ""
     jwt_leeway: float = 5.0
+    redis_url: str = field(default="", repr=False)
+    node_id: str = ""
+    node_lease: float = 5.0
 
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Config))
@@ -162,6 +168,10 @@ _HELP = {
     "jwt_audience": "the aud claim every token must carry (empty: not checked)",
     "jwt_issuer": "the iss claim every token must carry (empty: not checked)",
     "jwt_leeway": "seconds of clock skew allowed on a token's exp, nbf and iat",
+    "redis_url": "redis:// or rediss:// URL of the Redis (or Redis Cluster) shared by a cluster of nodes "
+                 "(empty: one process, no Redis)",
+    "node_id": "this process's name in the cluster, logs, /healthz and metrics (empty: <host>-<random>, new per start)",
+    "node_lease": "seconds without a heartbeat after which a cluster node counts as gone",
 }
 
 _TYPES = {bool: bool, int: int, float: float, str: str, tuple: str}
@@ -284,7 +294,7 @@ def _require(ok: bool, name: str, value: Any, rule: str) -> None:
 def _checked(c: Config) -> Config:
     for name in ("call_ttl", "cleanup_interval", "heartbeat_interval", "heartbeat_timeout", "ask_timeout",
                  "shutdown_timeout", "ws_close_grace", "unclaimed_ttl", "departure_timeout", "turn_credential_ttl",
-                 "webhook_timeout"):
+                 "webhook_timeout", "node_lease"):
         value = getattr(c, name)
         _require(math.isfinite(value) and value > 0, name, value, "must be a number of seconds > 0")
     _require(0 <= c.port <= 65535, "port", c.port, "must be between 0 and 65535")
@@ -321,6 +331,10 @@ def _checked(c: Config) -> Config:
     _require(all(is_host_pattern(h) for h in c.allowed_hosts), "allowed_hosts", ",".join(c.allowed_hosts),
              "every entry must be a host name without scheme or port, '*.' and a domain, '*', or an IP address")
     _check_ice_servers(c.ice_servers)
+    _check_redis_url(c.redis_url)
+    _require(not c.node_id or bool(NODE_ID.fullmatch(c.node_id)), "node_id", c.node_id,
+             "must be 1 to 64 letters, digits, '.', '_' or '-'")
+    _require(c.node_lease >= 1, "node_lease", c.node_lease, "must be at least 1 second")
     return _checked_auth(c)
 
 
@@ -356,6 +370,22 @@ def _checked_auth(c: Config) -> Config:
     _require(not c.jwks_url or c.jwks_url.startswith(("http://", "https://")), "jwks_url", c.jwks_url,
              "must be an http:// or https:// URL")
     return c
+
+
+def _check_redis_url(url: str) -> None:
+    """Empty, or ``redis[s]://[user:password@]host[:port][/db]``; the password never reaches the message."""
+    if not url:
+        return
+    rule = "must look like redis://[:password@]host[:port][/db] or rediss://..."
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"redis_url: {rule}") from None
+    shown = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.hostname or ''}:{port or ''}"))
+    _require(parts.scheme in ("redis", "rediss") and bool(parts.hostname), "redis_url", shown, rule)
+    db = parts.path.lstrip("/")
+    _require(db == "" or is_decimal(db), "redis_url", shown, "the database after '/' must be a number")
 
 
 def _check_ice_servers(text: str) -> None:

@@ -22,7 +22,8 @@
     ├── RateLimited (429 rate_limited)
     ├── Capacity (503 capacity)
     ├── CallBusy (503 call_busy)
-    └── ShuttingDown (503 shutting_down)
+    ├── ShuttingDown (503 shutting_down)
+    └── Unavailable (503 unavailable)
 
 ``ConfigError`` is separate: it only happens at start-up.
 """
@@ -52,6 +53,7 @@ __all__ = [
     "ShuttingDown",
     "SignalError",
     "Unauthorized",
+    "Unavailable",
     "UnsupportedMediaType",
 ]
 
@@ -178,6 +180,12 @@ class ShuttingDown(SignalError):
     """The server is draining before it exits; the request may be retried elsewhere or later."""
 
     status, code, default_message = 503, "shutting_down", "the server is shutting down; try again"
+
+
+class Unavailable(SignalError):
+    """A shared service the request needs (the cluster's Redis) cannot be reached right now."""
+
+    status, code, default_message = 503, "unavailable", "the cluster's shared store is unreachable; try again"
 
 
 class ConfigError(Exception):

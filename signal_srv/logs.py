@@ -61,17 +61,22 @@ def route_label(handler: RequestHandler) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``time level logger: message``, redacted."""
+    """``time level logger: message``, redacted; ``time [node] level ...`` when a node id is given."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, node_id: str = "") -> None:
+        node = f"[{node_id}] " if node_id else ""
+        super().__init__(f"%(asctime)s {node}%(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with ``call_id`` when the record carries one; redacted."""
+    """One JSON object per line, with ``node_id``, and ``call_id`` when the record carries one; redacted."""
+
+    def __init__(self, node_id: str = "") -> None:
+        super().__init__()
+        self.node_id = node_id
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -80,6 +85,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": redact(record.getMessage()),
         }
+        if self.node_id:
+            entry["node_id"] = self.node_id
         for key in ("call_id", "peer_id"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
@@ -88,10 +95,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(level: str, output_format: str) -> None:
-    """Log to stderr at ``level`` in ``text`` or ``json``."""
+def setup_logging(level: str, output_format: str, node_id: str = "") -> None:
+    """Log to stderr at ``level`` in ``text`` or ``json``, every line naming ``node_id``."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if output_format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(node_id) if output_format == "json" else TextFormatter(node_id))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level.upper())

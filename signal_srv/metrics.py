@@ -48,6 +48,9 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         stats = self.registry.statistics()
+        node = GaugeMetricFamily("signal_srv_node", "this process's node id (always 1)", labels=["node_id"])
+        node.add_metric([self.registry.placement.node_id], 1)
+        yield node
         calls = GaugeMetricFamily("signal_srv_calls", "live calls by status", labels=["status"])
         calls.add_metric(["waiting"], stats.waiting)
         calls.add_metric(["active"], stats.active)

@@ -25,6 +25,7 @@ from signal_srv.actor import CallActor, CallSummary, Joined
 from signal_srv.call import Call, CallRules, Expire, HeldBudget, Notify, Status, StatusChanged
 from signal_srv.errors import CallEnded, CallNotFound, Capacity, ShuttingDown
 from signal_srv.metrics import Metrics
+from signal_srv.placement import CallRef, LocalPlacement, Placement
 
 if TYPE_CHECKING:
     from signal_srv.webhooks import Webhooks
@@ -85,9 +86,11 @@ class Registry:
         heartbeat_timeout: float = 60.0,
         metrics: Metrics | None = None,
         webhooks: Webhooks | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.rules = rules
         self.held = HeldBudget(rules.held_bytes_total)
+        self.placement: Placement = placement if placement is not None else LocalPlacement()
         self.metrics = metrics if metrics is not None else Metrics()
         self.webhooks = webhooks
         self.closing = False
@@ -104,29 +107,41 @@ class Registry:
         self._ended: Counter[str] = Counter()
         self._sweeps = 0
         self._sweeper: asyncio.Future[None] | None = None
+        self.placement.attach(self)
 
     def __len__(self) -> int:
         return len(self._actors)
 
     # Creating and finding calls --------------------------------------------------------
 
-    def create(self, identity: str | None = None, name: str | None = None) -> Created:
+    async def open_call(self, identity: str | None = None, name: str | None = None) -> Created:
+        """Create a call here and publish it through the placement (``Unavailable`` if it cannot be)."""
+        self.check_capacity()
+        call_id = new_id()
+        await self.placement.claim(call_id)
+        return self.create(identity, name, call_id=call_id)
+
+    def create(self, identity: str | None = None, name: str | None = None, call_id: str | None = None) -> Created:
         """Create a call with its host as first participant.
 
         Raises ``Capacity`` at ``max_calls``, ``ShuttingDown`` once ``close`` has begun.
         ``identity`` and ``name``: who the host is in the application (from its access token).
+        ``call_id``: the id the placement claimed for it (default: a new one).
         """
         self.check_capacity()
-        call_id, peer_id, peer_token = new_ids(3)
-        while call_id in self._actors:
-            call_id = new_id()
+        if call_id is None:
+            call_id, peer_id, peer_token = new_ids(3)
+            while call_id in self._actors:
+                call_id = new_id()
+        else:
+            peer_id, peer_token = new_ids(2)
         now = time.monotonic()
         call = Call(call_id, now, self.rules, self.held)
         order = next(self._counter)
         actor = CallActor(
             call, order=order, mailbox_size=self.mailbox_size, on_status=self._status_changed,
             heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
-            metrics=self.metrics, on_notify=self._notify if self.webhooks is not None else None,
+            metrics=self.metrics, on_notify=self._notify,
         )
         joined = actor.start(peer_id, peer_token, identity, name)
         self._actors[call_id] = actor
@@ -162,6 +177,21 @@ class Registry:
             raise CallNotFound()
         return actor
 
+    async def find(self, call_id: str) -> CallRef:
+        """The live call, here or on the node that owns it.
+
+        Raises ``CallNotFound``, ``ShuttingDown`` (as ``get``) or ``Unavailable`` (the placement cannot tell).
+        """
+        if call_id not in self._actors:
+            if self.closing:
+                raise ShuttingDown()
+            return await self.placement.locate(call_id)
+        return self.get(call_id)
+
+    async def find_calls(self, status: Status | None = None, limit: int = 50, peers: bool = False) -> list[CallSummary]:
+        """Summaries of live calls wherever they run, newest first (``peers``: with participants)."""
+        return await self.placement.listing(status, limit, peers)
+
     async def wait_ended(self, call_id: str, timeout: float) -> None:
         """Wait until the call has ended and its actor has stopped (at once if it is gone)."""
         actor = self._actors.get(call_id)
@@ -172,8 +202,8 @@ class Registry:
         """Summaries of live calls, newest first, optionally of one status (``peers``: with participants)."""
         return [actor.summary(peers) for actor in itertools.islice(self._newest(status), limit)]
 
-    def newest_waiting(self, peers: bool = False) -> CallSummary | None:
-        return next((a.summary(peers) for a in self._newest(Status.WAITING)), None)
+    async def newest_waiting(self, peers: bool = False) -> CallSummary | None:
+        return next(iter(await self.find_calls(Status.WAITING, 1, peers)), None)
 
     def _newest(self, status: Status | None) -> Iterator[CallActor]:
         statuses = [status] if status is not None else [Status.WAITING, Status.ACTIVE]
@@ -189,9 +219,13 @@ class Registry:
             self._ended[change.reason or "error"] += 1
         else:
             insort(self._order[change.new], actor.order)
+            self.placement.changed(actor)
 
     def _notify(self, actor: CallActor, effect: Notify) -> None:
-        assert self.webhooks is not None
+        if effect.peer_id is not None and actor.alive:
+            self.placement.changed(actor)
+        if self.webhooks is None:
+            return
         fields = _who(effect.peer_id, effect.identity, effect.name)
         if effect.reason is not None:
             fields["reason"] = effect.reason
@@ -211,6 +245,7 @@ class Registry:
             del self._by_order[actor.order]
             for status in self._order:
                 self._unindex(actor, status)
+            self.placement.released(actor)
 
     def _finished(self, task: asyncio.Task[None], *, actor: CallActor) -> None:
         self._tasks.discard(task)
@@ -278,6 +313,7 @@ class Registry:
                 task.cancel()
         if self.webhooks is not None:
             await self.webhooks.close(timeout)
+        await self.placement.close()
 
     def statistics(self) -> Statistics:
         return Statistics(

@@ -242,11 +242,11 @@ class CallsHandler(ApiHandler):
         self.check_rate(self.limits.create, "create")
         claims = await self.authorize("create", *(("list", "join") if reuse_last else ()))
         if reuse_last:
-            newest = self.registry.newest_waiting(_admin(claims))
+            newest = await self.registry.newest_waiting(_admin(claims))
             if newest is not None:
                 self.reply(200, {**newest.to_dict(), "reused": True})
                 return
-        created = self.registry.create(*_who(claims))
+        created = await self.registry.open_call(*_who(claims))
         joined = created.joined
         self.set_header("Location", f"/apiv2/calls/{created.actor.call_id}")
         self.reply(201, self.credentials(joined, created.peer_id, created.peer_token, claims))
@@ -261,7 +261,7 @@ class CallsHandler(ApiHandler):
         limit = messages.whole_number(self.get_query_argument("limit", str(DEFAULT_LIMIT)))
         if limit is None or not 1 <= limit <= MAX_LIMIT:
             raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
-        calls = self.registry.list(Status(status) if status else None, limit, _admin(claims))
+        calls = await self.registry.find_calls(Status(status) if status else None, limit, _admin(claims))
         self.reply(200, {"calls": [c.to_dict() for c in calls]})
 
     def _flag(self, name: str) -> bool:
@@ -283,7 +283,8 @@ class CallHandler(ApiHandler):
 
     async def get(self, call_id: str) -> None:
         claims = await self.authorize(call_id=call_id)
-        self.reply(200, self.registry.get(call_id).summary(_admin(claims)).to_dict())
+        call = await self.registry.find(call_id)
+        self.reply(200, (await call.describe(self.config.ask_timeout, _admin(claims))).to_dict())
 
 
 class JoinHandler(ApiHandler):
@@ -293,7 +294,7 @@ class JoinHandler(ApiHandler):
         self.json_body()
         self.check_rate(self.limits.join, "join")
         claims = await self.authorize("join", call_id=call_id)
-        actor = self.registry.get(call_id)
+        actor = await self.registry.find(call_id)
         peer_id, token = new_ids(2)
         joined: Joined = await actor.ask(Join(peer_id, token, *_who(claims)), self.config.ask_timeout)
         self.reply(200, self.credentials(joined, peer_id, token, claims))
@@ -305,7 +306,7 @@ class LeaveHandler(ApiHandler):
     async def post(self, call_id: str) -> None:
         self.json_body()
         token = self.bearer_token()
-        summary: CallSummary = await self.registry.get(call_id).ask(Leave(token), self.config.ask_timeout)
+        summary: CallSummary = await (await self.registry.find(call_id)).ask(Leave(token), self.config.ask_timeout)
         self.reply(200, summary.to_dict())
 
 
@@ -323,7 +324,7 @@ class EndHandler(ApiHandler):
             end = End(None)
         else:
             end = End(token)
-        summary: CallSummary = await self.registry.get(call_id).ask(end, self.config.ask_timeout)
+        summary: CallSummary = await (await self.registry.find(call_id)).ask(end, self.config.ask_timeout)
         self.reply(200, summary.to_dict())
 
 
@@ -339,7 +340,7 @@ class RemoveHandler(ApiHandler):
         if self.auth is None:
             raise Forbidden("removing a participant needs auth=jwt and an access token with the admin grant")
         await self.authorize("admin", call_id=call_id, token=token)
-        summary: CallSummary = await self.registry.get(call_id).ask(Remove(peer_id), self.config.ask_timeout)
+        summary: CallSummary = await (await self.registry.find(call_id)).ask(Remove(peer_id), self.config.ask_timeout)
         self.reply(200, summary.to_dict())
 
 
@@ -354,29 +355,34 @@ class ConfigHandler(ApiHandler):
         peer_id = None
         if call_id is not None:
             token = self.bearer_token()
-            peer_id = await self.registry.get(call_id).ask(Identify(token), self.config.ask_timeout)
+            peer_id = await (await self.registry.find(call_id)).ask(Identify(token), self.config.ask_timeout)
         self.reply(200, {"ice_servers": self.ice_servers(peer_id)})
 
 
 class HealthHandler(ApiHandler):
-    """``GET /healthz``: the process is alive and its loop answers."""
+    """``GET /healthz``: the process is alive and its loop answers; its node id and Redis state."""
 
     def get(self) -> None:
         stats = self.registry.statistics()
-        self.reply(200, {"status": "ok", "calls": {"waiting": stats.waiting, "active": stats.active}})
+        self.reply(200, {"status": "ok", "calls": {"waiting": stats.waiting, "active": stats.active},
+                         **self.registry.placement.health()})
 
 
 class ReadyHandler(ApiHandler):
-    """``GET /readyz``: 200 while new calls are accepted, 503 at capacity or shutting down."""
+    """``GET /readyz``: 200 while this node accepts new calls; 503 at capacity, shutting down or cut off."""
 
     def get(self) -> None:
         try:
             self.registry.check_capacity()
         except (Capacity, ShuttingDown) as exc:
-            self.set_header("Retry-After", RETRY_AFTER[503])
-            self.reply(503, {"status": "shutting_down" if isinstance(exc, ShuttingDown) else "at_capacity"})
+            status = "shutting_down" if isinstance(exc, ShuttingDown) else "at_capacity"
         else:
-            self.reply(200, {"status": "ready"})
+            status = "ready" if self.registry.placement.ready() else "unavailable"
+        if status != "ready":
+            self.set_header("Retry-After", RETRY_AFTER[503])
+            self.reply(503, {"status": status})
+        else:
+            self.reply(200, {"status": status})
 
 
 class MetricsHandler(JsonHandler):

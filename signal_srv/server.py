@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -18,6 +19,7 @@ from signal_srv.config import Config, ignored_environment, load_config
 from signal_srv.drain import DrainingHTTPServer
 from signal_srv.errors import ConfigError
 from signal_srv.logs import setup_logging
+from signal_srv.placement import new_node_id
 from signal_srv.registry import Registry
 
 __all__ = ["main", "make_server", "serve"]
@@ -50,10 +52,12 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         servers.append(DrainingHTTPServer(make_metrics_app(registry, config)))
         servers[1].listen(config.metrics_port, config.address)
     registry.start_sweeping(config.cleanup_interval)
+    await registry.placement.start()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    logger.info("signal_srv listening on http://%s:%d/", config.address, _bound_port(servers[0]))
+    logger.info("signal_srv node %s listening on http://%s:%d/", registry.placement.node_id, config.address,
+                _bound_port(servers[0]))
     await stop.wait()
     logger.info("signal_srv stopping: %d live calls", len(registry))
     try:
@@ -93,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         sys.stderr.write(f"signal-srv: configuration error: {exc}\n")
         raise SystemExit(2) from None
-    setup_logging(config.log_level, config.log_format)
+    config = dataclasses.replace(config, node_id=config.node_id or new_node_id())
+    setup_logging(config.log_level, config.log_format, config.node_id)
     for problem in ignored_environment(os.environ):
         logger.warning("configuration: %s", problem)
     gc.freeze()  # start-up objects (modules, config) need never be scanned again

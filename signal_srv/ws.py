@@ -17,15 +17,15 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from signal_srv import messages
-from signal_srv.actor import CallActor
 from signal_srv.call import Connect, Disconnect, Receive
 from signal_srv.config import Config
-from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unauthorized
+from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unauthorized, Unavailable
 from signal_srv.headers import add_security_headers
 from signal_srv.hosts import host_allowed
 from signal_srv.limits import Limits, TokenBucket
 from signal_srv.logs import redact
 from signal_srv.metrics import Metrics
+from signal_srv.placement import CallRef
 from signal_srv.registry import Registry
 
 __all__ = ["SignalingSocket"]
@@ -93,7 +93,8 @@ class SignalingSocket(WebSocketHandler):
         self.metrics = metrics
         self.conn = id(self)
         self.awaiting_pong_since: float | None = None
-        self._actor: CallActor | None = None
+        self._actor: CallRef | None = None
+        self._closed = False
         self._counted = False
         self._rate: TokenBucket | None = None
         self._strikes = 0
@@ -143,8 +144,11 @@ class SignalingSocket(WebSocketHandler):
             self.close(BAD_QUERY, "last_seq must be a whole number")
             return
         try:
+            call = await self.registry.find(call_id)
+            if self._closed:
+                return  # the client went away while the call was looked up
             # Set before the await, so a close that races the join still reaches the actor.
-            self._actor = self.registry.get(call_id)
+            self._actor = call
             await self._actor.ask(Connect(peer_id, token, self.conn, resume_from), self.config.ask_timeout, socket=self)
         except CallNotFound:
             self._refuse(CALL_NOT_FOUND, "call_not_found")
@@ -152,6 +156,8 @@ class SignalingSocket(WebSocketHandler):
             self._refuse(UNAUTHORIZED, "unauthorized")
         except CallBusy:
             self._refuse(TRY_AGAIN_LATER, "call_busy")
+        except Unavailable:
+            self._refuse(TRY_AGAIN_LATER, "unavailable")
         else:
             logger.info("socket of %s joined call %s", peer_id, call_id)
 
@@ -219,7 +225,7 @@ class SignalingSocket(WebSocketHandler):
             return None  # the actor closes this socket as it stops
         return self._put_when_room(actor, event)
 
-    async def _put_when_room(self, actor: CallActor, event: Receive) -> None:
+    async def _put_when_room(self, actor: CallRef, event: Receive) -> None:
         try:
             await actor.put(event, socket=self)
         except CallEnded:
@@ -248,6 +254,7 @@ class SignalingSocket(WebSocketHandler):
         self.send(messages.to_json(messages.error(code, message)))
 
     def on_close(self) -> None:
+        self._closed = True
         if self._counted:
             self._counted = False
             self.metrics.sockets -= 1

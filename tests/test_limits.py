@@ -106,8 +106,10 @@ async def test_metrics_count_calls_sockets_relays_and_errors(client: SignalingCl
     assert pair.host["peer_token"] not in text
 
 
-async def test_health_and_readiness(client: SignalingClient) -> None:
-    assert (await client.request("GET", "/healthz"))[:2] == (200, {"status": "ok", "calls": {"waiting": 0, "active": 0}})
+async def test_health_and_readiness(client: SignalingClient, registry: Any) -> None:
+    status, body, _ = await client.request("GET", "/healthz")
+    assert (status, body) == (200, {"status": "ok", "calls": {"waiting": 0, "active": 0},
+                                    "node_id": registry.placement.node_id, "redis": "none"})
     assert (await client.request("GET", "/readyz"))[:2] == (200, {"status": "ready"})
 
 

@@ -9,8 +9,9 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["signal_srv", "signal_srv.*"]),
-    package_data={"signal_srv": ["static/*", "openapi.json"]},
-    install_requires=["tornado>=6.4", "prometheus_client>=0.17", "PyJWT[crypto]>=2.10", "cryptography>=3.4"],
+    package_data={"signal_srv": ["static/*", "openapi.json"], "signal_srv.cluster": ["lua/*.lua"]},
+    install_requires=["tornado>=6.4", "prometheus_client>=0.17", "PyJWT[crypto]>=2.10", "cryptography>=3.4",
+                      "redis>=5"],
     extras_require={
         "test": [
             "pytest>=8,<9",  # schemathesis' pytest plugin breaks under pytest 9

@@ -148,6 +148,7 @@ class CallActor:
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
         self._alive = True
+        self._released: tuple[int, str] | None = None
         # A random phase, so that calls created in a burst do not all ping at the same moment.
         self._pinged_at = time.monotonic() - random.random() * heartbeat_interval
         self._timer: asyncio.TimerHandle | None = None
@@ -246,6 +247,10 @@ class CallActor:
         try:
             while self.call.status is not Status.ENDED:
                 envelope = await self._next()
+                if self._released is not None:
+                    if envelope is not None and envelope.reply is not None and not envelope.reply.done():
+                        envelope.reply.set_exception(CallEnded())
+                    break
                 if envelope is None:
                     self._on_timer()
                 else:
@@ -406,10 +411,25 @@ class CallActor:
                 envelope.reply.set_exception(CallEnded())
             if envelope.socket is not None and isinstance(envelope.event, Connect):
                 envelope.socket.close(4404, "call_not_found")
+        code, reason = self._released or (1000, "call ended")
         for socket in self._sockets.values():
-            socket.close(1000, "call ended")
+            socket.close(code, reason)
         self._sockets.clear()
         self.finished.set_result(None)
+
+    def relinquish(self, code: int, reason: str) -> None:
+        """Stop at once without ending the call, which another node owns now.
+
+        Pending asks fail with ``CallEnded``; sockets are closed with ``code`` so that the
+        clients reconnect, and find the call where it lives now.
+        """
+        if self._alive:
+            self._alive = False
+            self._released = (code, reason)
+            try:
+                self._queue.put_nowait(_WAKE_UP)
+            except QueueFull:
+                pass  # the loop takes an envelope soon anyway, and stops there
 
     async def shutdown(self) -> None:
         """End the call because the server stops; sockets get ``server_shutdown`` and 1001.

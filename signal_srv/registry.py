@@ -152,6 +152,7 @@ class Registry:
         task.add_done_callback(functools.partial(self._finished, actor=actor))
         self._created += 1
         actor.log.info("call %s created", call_id)
+        self.placement.changed(actor)
         if self.webhooks is not None:
             self.webhooks.start()
             self.webhooks.emit("call_created", call_id, **_who(peer_id, identity, name))
@@ -176,6 +177,15 @@ class Registry:
         if actor is None or not actor.alive:
             raise CallNotFound()
         return actor
+
+    def local(self, call_id: str) -> CallActor | None:
+        """The actor of a call held by this process, if any."""
+        return self._actors.get(call_id)
+
+    def release(self, actor: CallActor, code: int, reason: str) -> None:
+        """Drop a call that another node owns now: it did not end, so nothing counts it as ended."""
+        self._forget(actor, publish=False)
+        actor.relinquish(code, reason)
 
     async def find(self, call_id: str) -> CallRef:
         """The live call, here or on the node that owns it.
@@ -239,13 +249,14 @@ class Registry:
         if i < len(orders) and orders[i] == actor.order:
             del orders[i]
 
-    def _forget(self, actor: CallActor) -> None:
+    def _forget(self, actor: CallActor, publish: bool = True) -> None:
         if self._actors.get(actor.call_id) is actor:
             del self._actors[actor.call_id]
             del self._by_order[actor.order]
             for status in self._order:
                 self._unindex(actor, status)
-            self.placement.released(actor)
+            if publish:
+                self.placement.released(actor)
 
     def _finished(self, task: asyncio.Task[None], *, actor: CallActor) -> None:
         self._tasks.discard(task)

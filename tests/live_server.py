@@ -108,11 +108,12 @@ class LiveServer:
                 self.port = int(match.group(1))
                 self._listening.set()
 
-    def wait_for_log(self, pattern: str, timeout: float = TIMEOUT) -> str:
-        """Block until the server logs a line matching ``pattern`` (a regex); return that line."""
+    def wait_for_log(self, pattern: str, timeout: float = TIMEOUT, since: int = 0) -> str:
+        """Block until the server logs a line matching ``pattern`` (a regex) after position ``since``
+        (see ``mark``); return that line."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = since
         with self._logged:
             while True:
                 for line in self.lines[seen:]:
@@ -135,6 +136,12 @@ class LiveServer:
         if self._drain is not None:
             self._drain.join(TIMEOUT)
         return code
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (no shutdown, no goodbye to the cluster)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
 
     def problems(self) -> list[str]:
         """ERROR/CRITICAL lines and tracebacks the server logged so far."""

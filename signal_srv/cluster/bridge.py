@@ -1,0 +1,394 @@
+"""The bridge between a socket or request on one node and the call's owner on another.
+
+Each node reads one Redis Stream, its inbox, and every other node appends to it through
+its ``Outbox``, the node's single ordered path of writes. A stream is durable and ordered:
+a reader that lost its connection resumes from the last entry id it handled, so no frame
+is dropped or reordered by a blip (pub/sub would drop them silently).
+
+- Socket side: ``RemoteCall`` stands in for the owner's actor; the socket's events go to
+  the owner's inbox and the owner's frames for it come back through this node's inbox.
+- Owner side: a ``RemoteSocket`` stands in for the socket in the actor; its ``send``,
+  ``close`` and ``reply_error`` append to the socket's node's inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+
+from signal_srv.actor import CallActor, CallSummary, Socket
+from signal_srv.call import Connect, Disconnect, Event
+from signal_srv.cluster.directory import inbox_key
+from signal_srv.cluster.link import RedisLink
+from signal_srv.cluster.stats import ClusterStats
+from signal_srv.cluster.wire import (
+    Describe,
+    decode_error,
+    decode_event,
+    decode_result,
+    encode_error,
+    encode_event,
+    encode_result,
+)
+from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unavailable
+
+if TYPE_CHECKING:
+    from signal_srv.registry import Registry
+
+__all__ = ["Bridge", "Outbox", "RemoteCall", "RemoteSocket"]
+
+logger = logging.getLogger(__name__)
+
+STREAM_MAXLEN = 100_000  # entries kept in an inbox (approximately); a reader is never that far behind
+INBOX_TTL = 3600.0  # an inbox nobody reads (its node is gone) disappears after this long
+OUTBOX_LIMIT = 100_000  # writes held while Redis is unreachable; older ones are dropped beyond it
+RETRY_PAUSE = 0.2
+BATCH = 500
+SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; reconnect
+T = TypeVar("T")
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))
+
+
+class Outbox:
+    """Stream appends (pipelined, one batch per loop turn) and scripts, executed strictly in order."""
+
+    def __init__(self, link: RedisLink, stats: ClusterStats) -> None:
+        self.link = link
+        self.stats = stats
+        self._items: deque[tuple[str, str] | tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = deque()
+        self._wake = asyncio.Event()
+        self._expired_at: dict[str, float] = {}
+
+    def append(self, key: str, message: dict[str, Any]) -> None:
+        if len(self._items) >= OUTBOX_LIMIT:
+            self._items.popleft()
+            self.stats.redis_errors += 1
+        self._items.append((key, _dumps(message)))
+        self._wake.set()
+
+    def call(self, work: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Run ``work`` after every write queued before it; its result or error comes in the future."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._items.append((work, future))
+        self._wake.set()
+        return future
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._items:
+                head = self._items[0]
+                if isinstance(head[0], str):
+                    await self._append_batch()
+                else:
+                    self._items.popleft()
+                    work, future = head  # type: ignore[misc]
+                    try:
+                        result = await work()
+                    except Exception as exc:  # noqa: BLE001 - handed to whoever queued the work
+                        if not future.done():
+                            future.set_exception(exc)
+                    else:
+                        if not future.done():
+                            future.set_result(result)
+
+    async def _append_batch(self) -> None:
+        batch: list[tuple[str, str]] = []
+        while self._items and len(batch) < BATCH and isinstance(self._items[0][0], str):
+            batch.append(self._items.popleft())  # type: ignore[arg-type]
+        now = time.monotonic()
+        expire = [key for key in {k for k, _ in batch} if now - self._expired_at.get(key, -INBOX_TTL) > INBOX_TTL / 4]
+
+        async def send(client: Any) -> Any:
+            pipe = client.pipeline(transaction=False)
+            for key, text in batch:
+                pipe.xadd(key, {"m": text}, maxlen=STREAM_MAXLEN, approximate=True)
+            for key in expire:
+                pipe.pexpire(key, int(INBOX_TTL * 1000))
+            return await pipe.execute()
+
+        try:
+            await self.link.run(send)
+        except Unavailable:
+            self._items.extendleft(reversed(batch))
+            await asyncio.sleep(RETRY_PAUSE)
+            return
+        for key in expire:
+            self._expired_at[key] = now
+
+
+class RemoteSocket:
+    """On the owner: a participant's socket that lives on another node."""
+
+    awaiting_pong_since: float | None = None  # the socket's own node runs its heartbeat
+
+    def __init__(self, bridge: Bridge, node: str, conn: int, call_id: str) -> None:
+        self.bridge = bridge
+        self.node = node
+        self.remote_conn = conn
+        self.call_id = call_id
+        self.conn = id(self)
+
+    def send(self, text: str) -> None:
+        self.bridge.to_node(self.node, {"k": "send", "conn": self.remote_conn, "text": text})
+        self.bridge.stats.bridged["out"] += 1
+
+    def reply_error(self, code: str, message: str) -> None:
+        self.bridge.to_node(self.node, {"k": "err", "conn": self.remote_conn, "code": code, "message": message})
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.bridge.forget_remote(self)
+        self.bridge.to_node(self.node, {"k": "close", "conn": self.remote_conn, "code": code, "reason": reason})
+
+    def heartbeat(self, now: float) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(slots=True)
+class _Bridged:
+    socket: Socket
+    owner: str
+    call_id: str
+
+
+class RemoteCall:
+    """On a socket's or request's node: a call whose actor runs on ``owner``."""
+
+    def __init__(self, bridge: Bridge, call_id: str, owner: str) -> None:
+        self.bridge = bridge
+        self.call_id = call_id
+        self.owner = owner
+
+    def tell(self, event: Event, socket: Socket | None = None) -> bool:
+        self.bridge.tell(self, event)
+        return True
+
+    async def put(self, event: Event, socket: Socket | None = None) -> None:
+        self.bridge.tell(self, event)
+
+    async def ask(self, event: Event, timeout: float, socket: Socket | None = None) -> Any:
+        return await self.bridge.ask(self, event, timeout, socket)
+
+    async def describe(self, timeout: float, peers: bool = False) -> CallSummary:
+        summary: CallSummary = await self.bridge.ask(self, Describe(peers), timeout, None)
+        return summary
+
+
+class Bridge:
+    """This node's inbox reader and the two halves of every bridged call."""
+
+    def __init__(
+        self, node_id: str, link: RedisLink, outbox: Outbox, stats: ClusterStats,
+        heartbeat_interval: float, heartbeat_timeout: float,
+    ) -> None:
+        self.node_id = node_id
+        self.link = link
+        self.outbox = outbox
+        self.stats = stats
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.registry: Registry | None = None
+        self._inbox = inbox_key(node_id)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._bridged: dict[int, _Bridged] = {}  # socket side: conn -> our socket, bridged to an owner
+        self._remote: dict[tuple[str, int], RemoteSocket] = {}  # owner side: (node, conn) -> stand-in
+
+    def to_node(self, node: str, message: dict[str, Any]) -> None:
+        self.outbox.append(inbox_key(node), message)
+
+    # Socket side ------------------------------------------------------------------------
+
+    def tell(self, call: RemoteCall, event: Event) -> None:
+        if isinstance(event, Disconnect):
+            self._bridged.pop(event.conn, None)
+        else:
+            self.stats.bridged["out"] += 1
+        self.to_node(call.owner, {"k": "tell", "from": self.node_id, "call": call.call_id, "ev": encode_event(event)})
+
+    async def ask(self, call: RemoteCall, event: Event | Describe, timeout: float, socket: Socket | None) -> Any:
+        """Send ``event`` to the owner and wait for its answer (``CallBusy`` if late, ``Unavailable`` if cut off)."""
+        request = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request] = future
+        conn = getattr(event, "conn", None) if isinstance(event, Connect) else None
+        if conn is not None and socket is not None:
+            self._bridged[conn] = _Bridged(socket, call.owner, call.call_id)
+        self.to_node(call.owner, {"k": "ask", "id": request, "from": self.node_id, "call": call.call_id,
+                                  "ev": encode_event(event)})
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            if not self.link.reachable:
+                raise Unavailable() from None
+            raise CallBusy("the call did not answer in time") from None
+        except SignalError:
+            if conn is not None:
+                self._bridged.pop(conn, None)
+            raise
+        finally:
+            self._pending.pop(request, None)
+
+    def _on_reply(self, message: dict[str, Any]) -> None:
+        future = self._pending.get(message["id"])
+        if future is None or future.done():
+            return
+        if "error" in message:
+            future.set_exception(decode_error(message["error"]))
+        else:
+            future.set_result(decode_result(message["result"]))
+
+    def _on_frame(self, message: dict[str, Any]) -> None:
+        bridged = self._bridged.get(message["conn"])
+        if bridged is None:
+            return
+        kind = message["k"]
+        if kind == "send":
+            self.stats.bridged["in"] += 1
+            bridged.socket.send(message["text"])
+        elif kind == "err":
+            bridged.socket.reply_error(message["code"], message["message"])
+        else:
+            del self._bridged[message["conn"]]
+            bridged.socket.close(message["code"], message["reason"])
+
+    # Owner side -------------------------------------------------------------------------
+
+    def _actor(self, call_id: str) -> CallActor | None:
+        assert self.registry is not None
+        return self.registry.local(call_id)
+
+    def _on_ask(self, message: dict[str, Any]) -> None:
+        reply_to, request = message["from"], message["id"]
+        actor = self._actor(message["call"])
+        event = decode_event(message["ev"])
+        socket: RemoteSocket | None = None
+        try:
+            if actor is None or not actor.alive:
+                raise CallNotFound()
+            if isinstance(event, Describe):
+                self._reply(reply_to, request, result=encode_result(actor.summary(event.peers)))
+                return
+            if isinstance(event, Connect):
+                socket = RemoteSocket(self, reply_to, event.conn, actor.call_id)
+                self._remote[(reply_to, event.conn)] = socket
+                event = dataclasses.replace(event, conn=socket.conn)
+            answer = actor.ask_nowait(event, socket)
+        except SignalError as exc:
+            if socket is not None:
+                self.forget_remote(socket)
+            self._reply(reply_to, request, error=encode_error(exc))
+            return
+        answer.add_done_callback(lambda done: self._answered(done, reply_to, request, socket))
+
+    def _answered(self, done: asyncio.Future[Any], reply_to: str, request: int, socket: RemoteSocket | None) -> None:
+        exc = done.exception()
+        if exc is None:
+            self._reply(reply_to, request, result=encode_result(done.result()))
+            return
+        if socket is not None:
+            self.forget_remote(socket)
+        error = exc if isinstance(exc, SignalError) else CallBusy()
+        self._reply(reply_to, request, error=encode_error(error))
+
+    def _reply(self, node: str, request: int, **answer: Any) -> None:
+        self.to_node(node, {"k": "reply", "id": request, **answer})
+
+    async def _on_tell(self, message: dict[str, Any]) -> None:
+        actor = self._actor(message["call"])
+        event = decode_event(message["ev"])
+        conn = getattr(event, "conn", None)
+        socket = self._remote.get((message["from"], conn)) if conn is not None else None
+        if actor is None or socket is None or isinstance(event, Describe):
+            return  # the call or this socket is gone here: the owner already closed it
+        if isinstance(event, Disconnect):
+            self.forget_remote(socket)
+        else:
+            self.stats.bridged["in"] += 1
+        event = dataclasses.replace(event, conn=socket.conn)  # type: ignore[type-var,arg-type]
+        try:
+            if not actor.tell(event, socket=socket):
+                await actor.put(event, socket=socket)  # keeps this socket's order; waits for room
+        except CallEnded:
+            pass
+
+    def forget_remote(self, socket: RemoteSocket) -> None:
+        if self._remote.get((socket.node, socket.remote_conn)) is socket:
+            del self._remote[(socket.node, socket.remote_conn)]
+
+    # Nodes that went away -----------------------------------------------------------------
+
+    def nodes_gone(self, live: set[str]) -> None:
+        """Close our sockets bridged to a node whose lease lapsed, and disconnect its sockets from our calls."""
+        for conn, bridged in list(self._bridged.items()):
+            if bridged.owner not in live:
+                del self._bridged[conn]
+                bridged.socket.close(SERVICE_RESTART, "owner node gone")
+        for socket in list(self._remote.values()):
+            if socket.node not in live:
+                self.forget_remote(socket)
+                actor = self._actor(socket.call_id)
+                if actor is not None and actor.alive:
+                    actor.tell(Disconnect(socket.conn))
+
+    # Loops ----------------------------------------------------------------------------------
+
+    async def read_inbox(self) -> None:
+        """Handle this node's inbox in order, forever; after a failure resume from the last entry."""
+        last = "0-0"
+        while True:
+            client = self.link.blocking
+            if client is None:
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            try:
+                batches: Any = await client.xread({self._inbox: last}, count=BATCH, block=self.link.block_ms)
+            except Exception as exc:  # noqa: BLE001 - any failure: count it, pause, resume from `last`
+                self.link.failed(exc)
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            self.link.succeeded()
+            for _, entries in batches or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    await self._dispatch(json.loads(fields["m"]))
+
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["k"]
+        try:
+            if kind == "tell":
+                await self._on_tell(message)
+            elif kind == "ask":
+                self._on_ask(message)
+            elif kind == "reply":
+                self._on_reply(message)
+            else:
+                self._on_frame(message)
+        except Exception:
+            logger.exception("could not handle a bridged %r message", kind)
+
+    async def heartbeat(self) -> None:
+        """Ping the sockets bridged from here (the owner's actor cannot); drop the silent ones."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            now = time.monotonic()
+            for bridged in list(self._bridged.values()):
+                socket = bridged.socket
+                since = socket.awaiting_pong_since
+                if since is not None and now - since >= self.heartbeat_timeout:
+                    socket.abort()  # its on_close tells the owner
+                elif since is None:
+                    socket.heartbeat(now)

@@ -1,0 +1,10 @@
+-- Remove an ended call from the index, unless a newer epoch owns the entry.
+-- KEYS[1] summaries hash   KEYS[2] waiting zset   KEYS[3] active zset   ARGV[1] call id   ARGV[2] epoch
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and cjson.decode(old).epoch > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1

@@ -68,6 +68,9 @@ class Placement(Protocol):
     def changed(self, actor: CallActor) -> None:
         """A call held here changed status or participants."""
 
+    async def flush(self) -> None:
+        """Return once every change reported so far is visible to every node."""
+
     def released(self, actor: CallActor) -> None:
         """A call held here ended."""
 
@@ -104,6 +107,9 @@ class LocalPlacement:
         raise CallNotFound()
 
     def changed(self, actor: CallActor) -> None:
+        pass
+
+    async def flush(self) -> None:
         pass
 
     def released(self, actor: CallActor) -> None:

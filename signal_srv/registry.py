@@ -119,7 +119,9 @@ class Registry:
         self.check_capacity()
         call_id = new_id()
         await self.placement.claim(call_id)
-        return self.create(identity, name, call_id=call_id)
+        created = self.create(identity, name, call_id=call_id)
+        await self.placement.flush()  # listed everywhere before its creator hears of it
+        return created
 
     def create(self, identity: str | None = None, name: str | None = None, call_id: str | None = None) -> Created:
         """Create a call with its host as first participant.

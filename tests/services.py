@@ -39,6 +39,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port P below 55536 whose cluster bus port P + 10000 is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port > 55535:
+            continue
+        try:
+            with socket.socket() as bus:
+                bus.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 class _Process:
     """A child process whose output is read by a thread, so a test can wait for a line."""
 
@@ -85,9 +100,9 @@ class _Process:
 class RedisServer(_Process):
     """``redis-server`` on a free port with its data in ``folder`` (AOF on request, cluster on request)."""
 
-    def __init__(self, folder: Path, *, appendonly: bool = False, cluster: bool = False) -> None:
+    def __init__(self, folder: Path, *, appendonly: bool = False, cluster: bool = False, port: int = 0) -> None:
         super().__init__()
-        self.port = free_port()
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.folder = folder / str(self.port)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),

@@ -105,6 +105,10 @@ class ClusterPlacement:
             asyncio.get_running_loop().call_soon(self._publish_dirty)
         self._dirty[actor.call_id] = actor
 
+    async def flush(self) -> None:
+        self._publish_dirty()
+        await self.outbox.call(_nothing)
+
     def _publish_dirty(self) -> None:
         dirty, self._dirty = self._dirty, {}
         for actor in dirty.values():
@@ -208,6 +212,10 @@ class ClusterPlacement:
             return
         if not held:
             self._lost(actor)
+
+
+async def _nothing() -> None:
+    pass
 
 
 def _report(done: asyncio.Future[None]) -> None:

@@ -38,6 +38,7 @@ from signal_srv.call import (
 from signal_srv.errors import CallBusy, CallEnded, SignalError
 from signal_srv.messages import Relay
 from signal_srv.metrics import Metrics
+from signal_srv.snapshot import call_to_dict
 
 __all__ = ["CallActor", "CallSummary", "Envelope", "Joined", "Socket", "iso_time"]
 
@@ -135,13 +136,14 @@ class CallActor:
         heartbeat_timeout: float = 60.0,
         metrics: Metrics | None = None,
         on_notify: Callable[[CallActor, Notify], None] | None = None,
+        created_at: str | None = None,
     ) -> None:
         self.call = call
         self._on_notify = on_notify
         self._metrics = metrics if metrics is not None else Metrics()
         self.call_id = call.call_id
         self.order = order
-        self.created_at = iso_time(time.time())
+        self.created_at = created_at or iso_time(time.time())
         self._queue: Queue[Envelope] = Queue(maxsize=mailbox_size)
         self._sockets: dict[int, Socket] = {}
         self._on_status = on_status
@@ -416,6 +418,20 @@ class CallActor:
             socket.close(code, reason)
         self._sockets.clear()
         self.finished.set_result(None)
+
+    def hand_over(self) -> dict[str, Any] | None:
+        """The call as data for its new owner, and stop; None (and nothing changes) unless it is idle.
+
+        Idle: alive, nothing queued and no socket attached, so nothing is in flight and
+        there is no one to tell. Runs between two envelopes, like ``summary``.
+        """
+        if not self._alive or self._queue.qsize() or self._sockets or self.call.connected:
+            return None
+        data = call_to_dict(self.call, time.monotonic(), time.time())
+        data["created_at"] = self.created_at
+        self.call.drop_held()  # the held frames travel with the data, and count against the new owner's budget
+        self.relinquish(1000, "call moved")
+        return data
 
     def relinquish(self, code: int, reason: str) -> None:
         """Stop at once without ending the call, which another node owns now.

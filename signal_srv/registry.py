@@ -18,7 +18,7 @@ import time
 from bisect import bisect_left, insort
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Iterator
 
 
 from signal_srv.actor import CallActor, CallSummary, Joined
@@ -26,6 +26,7 @@ from signal_srv.call import Call, CallRules, Expire, HeldBudget, Notify, Status,
 from signal_srv.errors import CallEnded, CallNotFound, Capacity, ShuttingDown
 from signal_srv.metrics import Metrics
 from signal_srv.placement import CallRef, LocalPlacement, Placement
+from signal_srv.snapshot import call_from_dict
 
 if TYPE_CHECKING:
     from signal_srv.webhooks import Webhooks
@@ -137,21 +138,9 @@ class Registry:
                 call_id = new_id()
         else:
             peer_id, peer_token = new_ids(2)
-        now = time.monotonic()
-        call = Call(call_id, now, self.rules, self.held)
-        order = next(self._counter)
-        actor = CallActor(
-            call, order=order, mailbox_size=self.mailbox_size, on_status=self._status_changed,
-            heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
-            metrics=self.metrics, on_notify=self._notify,
-        )
+        actor = self._actor_for(Call(call_id, time.monotonic(), self.rules, self.held))
         joined = actor.start(peer_id, peer_token, identity, name)
-        self._actors[call_id] = actor
-        self._by_order[order] = actor
-        self._order[Status.WAITING].append(order)
-        task = asyncio.ensure_future(actor.run())
-        self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._finished, actor=actor))
+        self._run(actor)
         self._created += 1
         actor.log.info("call %s created", call_id)
         self.placement.changed(actor)
@@ -159,6 +148,39 @@ class Registry:
             self.webhooks.start()
             self.webhooks.emit("call_created", call_id, **_who(peer_id, identity, name))
         return Created(actor, peer_id, peer_token, joined)
+
+    def adopt(self, data: dict[str, Any]) -> CallActor:
+        """Carry on a call another process handed over (see ``CallActor.hand_over``)."""
+        call = call_from_dict(data, self.rules, self.held, time.monotonic(), time.time())
+        actor = self._actor_for(call, data["created_at"])
+        self._run(actor)
+        actor.log.info("call %s moved here", call.call_id)
+        self.placement.changed(actor)
+        return actor
+
+    def hand_over(self, call_id: str) -> dict[str, Any] | None:
+        """The call as data for another process, which owns it from now on; None unless it is idle here."""
+        actor = self._actors.get(call_id)
+        data = actor.hand_over() if actor is not None else None
+        if actor is not None and data is not None:
+            self._forget(actor, publish=False)
+            actor.log.info("call %s handed over", call_id)
+        return data
+
+    def _actor_for(self, call: Call, created_at: str | None = None) -> CallActor:
+        return CallActor(
+            call, order=next(self._counter), mailbox_size=self.mailbox_size, on_status=self._status_changed,
+            heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
+            metrics=self.metrics, on_notify=self._notify, created_at=created_at,
+        )
+
+    def _run(self, actor: CallActor) -> None:
+        self._actors[actor.call_id] = actor
+        self._by_order[actor.order] = actor
+        insort(self._order[actor.call.status], actor.order)
+        task = asyncio.ensure_future(actor.run())
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._finished, actor=actor))
 
     def check_capacity(self) -> None:
         """Raise ``ShuttingDown`` or ``Capacity`` when no call may be created now."""

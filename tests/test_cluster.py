@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -181,8 +182,38 @@ async def test_a_fenced_out_owner_changes_nothing_and_closes_its_sockets(
     redis.cli("DEL", f"sig:call:{{{call_id}}}")
 
 
+def bridged_frames(node: LiveServer) -> int:
+    text = urllib.request.urlopen(node.base_url + "/metrics", timeout=TIMEOUT).read().decode()
+    return sum(int(float(v)) for v in re.findall(r'signal_srv_frames_bridged_total\{direction="\w+"\} (\S+)', text))
+
+
+async def test_a_call_moves_to_the_node_where_its_first_socket_lands(
+    apis: list[SignalingClient], nodes: list[LiveServer]
+) -> None:
+    marks = [node.mark() for node in nodes]
+    host = await apis[0].create_call()
+    guest = await apis[2].join(host["call_id"])
+    a = await apis[1].connect_as(host)
+    await a.wait_for("state", subject=host["peer_id"])
+    nodes[0].wait_for_log(f"call {re.escape(host['call_id'])} handed over", since=marks[0])
+    nodes[1].wait_for_log(f"call {re.escape(host['call_id'])} moved here", since=marks[1])
+    b = await apis[1].connect_as(guest)
+    await b.wait_for("state", subject=guest["peer_id"])
+    await a.wait_for("state", subject=guest["peer_id"], event="connected")
+    before = [bridged_frames(node) for node in nodes]
+    for i in range(20):
+        a.send("candidate", {"i": i})
+        b.send("candidate", {"i": i})
+    assert [(await b.wait_for("candidate"))["payload"]["i"] for _ in range(20)] == list(range(20))
+    assert [(await a.wait_for("candidate"))["payload"]["i"] for _ in range(20)] == list(range(20))
+    assert [bridged_frames(node) for node in nodes] == before  # relayed where both sockets are
+    assert (await apis[0].get_call(host["call_id"]))["status"] == "active"  # the old owner still finds it
+    await apis[0].end(host["call_id"], host["peer_token"])
+    assert await a.wait_closed() == (1000, "ended")
+
+
 async def test_metrics_and_health_name_the_node_and_count_cluster_work(apis: list[SignalingClient]) -> None:
-    pair = await pair_across(apis[0], apis[0], apis[0], apis[1])
+    pair = await pair_across(apis[0], apis[0], apis[0], apis[1])  # the host's socket keeps the call on n0
     pair.b.send("message", "over the bridge")
     assert (await pair.a.wait_for("message"))["payload"] == "over the bridge"
     status, health, _ = await apis[1].request("GET", "/healthz")
@@ -204,8 +235,11 @@ async def test_a_killed_node_stops_being_listed_within_its_lease(
     try:
         api = SignalingClient(doomed.base_url, timeout=TIMEOUT)
         host = await api.create_call()
-        bridged = await apis[0].connect_as(host)  # a socket on n0, bridged to the doomed owner
-        await bridged.wait_for("state", subject=host["peer_id"])
+        on_owner = await api.connect_as(host)  # the call stays where its first socket is
+        await on_owner.wait_for("state", subject=host["peer_id"])
+        guest = await apis[1].join(host["call_id"])
+        bridged = await apis[0].connect_as(guest)  # a socket on n0, bridged to the doomed owner
+        await bridged.wait_for("state", subject=guest["peer_id"])
         assert host["call_id"] in [c["call_id"] for c in await apis[1].list_calls()]
         mark = nodes[1].mark()
         doomed.kill()

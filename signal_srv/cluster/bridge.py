@@ -68,11 +68,15 @@ class Outbox:
         self._wake = asyncio.Event()
         self._expired_at: dict[str, float] = {}
 
-    def append(self, key: str, message: dict[str, Any]) -> None:
+    def append(self, key: str, message: dict[str, Any], first: bool = False) -> None:
+        """Queue a stream append; ``first`` puts it ahead of everything queued (used between two items)."""
         if len(self._items) >= OUTBOX_LIMIT:
             self._items.popleft()
             self.stats.redis_errors += 1
-        self._items.append((key, _dumps(message)))
+        if first:
+            self._items.appendleft((key, _dumps(message)))
+        else:
+            self._items.append((key, _dumps(message)))
         self._wake.set()
 
     def call(self, work: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
@@ -157,6 +161,21 @@ class RemoteSocket:
         pass
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Moved:
+    """The owner's answer to a connect that took the call over: the call, adopted here."""
+
+    actor: CallActor
+
+
+def _never(actor: CallActor, node: str, done: Callable[[dict[str, Any], int], None]) -> bool:
+    return False
+
+
+def _cannot_adopt(data: dict[str, Any], epoch: int) -> CallActor:
+    raise CallNotFound()
+
+
 @dataclasses.dataclass(slots=True)
 class _Bridged:
     socket: Socket
@@ -171,15 +190,23 @@ class RemoteCall:
         self.bridge = bridge
         self.call_id = call_id
         self.owner = owner
+        self.local: CallActor | None = None  # set when the call moved here on this socket's connect
 
     def tell(self, event: Event, socket: Socket | None = None) -> bool:
+        if self.local is not None:
+            return self.local.tell(event, socket)
         self.bridge.tell(self, event)
         return True
 
     async def put(self, event: Event, socket: Socket | None = None) -> None:
-        self.bridge.tell(self, event)
+        if self.local is not None:
+            await self.local.put(event, socket)
+        else:
+            self.bridge.tell(self, event)
 
     async def ask(self, event: Event, timeout: float, socket: Socket | None = None) -> Any:
+        if self.local is not None:
+            return await self.local.ask(event, timeout, socket)
         return await self.bridge.ask(self, event, timeout, socket)
 
     async def describe(self, timeout: float, peers: bool = False) -> CallSummary:
@@ -201,9 +228,15 @@ class Bridge:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.registry: Registry | None = None
+        # Set by the placement: hand an idle call over to a node (its data and new epoch, once
+        # the epoch moved), adopt a call handed to us, and where a call that left us went.
+        self.hand_over: Callable[[CallActor, str, Callable[[dict[str, Any], int], None]], bool] = _never
+        self.adopt: Callable[[dict[str, Any], int], CallActor] = _cannot_adopt
+        self.moved_to: Callable[[str], str | None] = lambda call_id: None
         self._inbox = inbox_key(node_id)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._arrivals: dict[str, asyncio.Future[CallActor | None]] = {}  # calls a connect here may take over
         self._bridged: dict[int, _Bridged] = {}  # socket side: conn -> our socket, bridged to an owner
         self._remote: dict[tuple[str, int], RemoteSocket] = {}  # owner side: (node, conn) -> stand-in
 
@@ -224,13 +257,16 @@ class Bridge:
         request = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request] = future
-        conn = getattr(event, "conn", None) if isinstance(event, Connect) else None
+        conn = event.conn if isinstance(event, Connect) else None
         if conn is not None and socket is not None:
             self._bridged[conn] = _Bridged(socket, call.owner, call.call_id)
+        # A socket's connect offers to take the call over: the owner hands it over if idle.
+        arrival = self._expect_arrival(call.call_id) if conn is not None else None
         self.to_node(call.owner, {"k": "ask", "id": request, "from": self.node_id, "call": call.call_id,
-                                  "ev": encode_event(event)})
+                                  "ev": encode_event(event), "move": conn is not None})
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(future, timeout)
+            answer = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             if not self.link.reachable:
                 raise Unavailable() from None
@@ -241,12 +277,46 @@ class Bridge:
             raise
         finally:
             self._pending.pop(request, None)
+            if arrival is not None:
+                self._arrived(call.call_id, arrival, None)  # unless adopted below, nothing arrives
+        if not isinstance(answer, _Moved):
+            return answer
+        assert isinstance(event, Connect)
+        self._bridged.pop(event.conn, None)
+        call.local = answer.actor
+        return await call.local.ask(event, max(timeout - (time.monotonic() - started), 0.001), socket)
+
+    def _arrived(self, call_id: str, arrival: asyncio.Future[CallActor | None], actor: CallActor | None) -> None:
+        if self._arrivals.get(call_id) is arrival:
+            del self._arrivals[call_id]
+        if not arrival.done():
+            arrival.set_result(actor)
+
+    def _expect_arrival(self, call_id: str) -> asyncio.Future[CallActor | None]:
+        arrival: asyncio.Future[CallActor | None] = asyncio.get_running_loop().create_future()
+        if call_id not in self._arrivals:
+            self._arrivals[call_id] = arrival
+        return arrival
+
+    async def arriving(self, call_id: str) -> CallActor | None:
+        """The call, if a connect on this node is taking it over right now (between the epoch move and adoption)."""
+        arrival = self._arrivals.get(call_id)
+        return await asyncio.shield(arrival) if arrival is not None else None
 
     def _on_reply(self, message: dict[str, Any]) -> None:
         future = self._pending.get(message["id"])
-        if future is None or future.done():
+        if "moved" in message:
+            # Adopted at once, even if the asker gave up, and before the next inbox entry,
+            # which may be for this call already.
+            actor = self.adopt(message["moved"], message["epoch"])
+            arrival = self._arrivals.get(actor.call_id)
+            if arrival is not None:
+                self._arrived(actor.call_id, arrival, actor)
+            if future is not None and not future.done():
+                future.set_result(_Moved(actor))
+        elif future is None or future.done():
             return
-        if "error" in message:
+        elif "error" in message:
             future.set_exception(decode_error(message["error"]))
         else:
             future.set_result(decode_result(message["result"]))
@@ -274,8 +344,13 @@ class Bridge:
     def _on_ask(self, message: dict[str, Any]) -> None:
         reply_to, request = message["from"], message["id"]
         actor = self._actor(message["call"])
+        if actor is None and self._forward(message):
+            return
         event = decode_event(message["ev"])
         socket: RemoteSocket | None = None
+        if actor is not None and message.get("move"):
+            if self.hand_over(actor, reply_to, lambda data, epoch: self._handed_over(data, epoch, reply_to, request)):
+                return
         try:
             if actor is None or not actor.alive:
                 raise CallNotFound()
@@ -304,11 +379,26 @@ class Bridge:
         error = exc if isinstance(exc, SignalError) else CallBusy()
         self._reply(reply_to, request, error=encode_error(error))
 
+    def _handed_over(self, data: dict[str, Any], epoch: int, reply_to: str, request: int) -> None:
+        """Runs right after the epoch moved: the answer jumps ahead of messages forwarded meanwhile."""
+        answer = {"moved": data, "epoch": epoch} if epoch else {"error": encode_error(CallNotFound())}
+        self.outbox.append(inbox_key(reply_to), {"k": "reply", "id": request, **answer}, first=True)
+
+    def _forward(self, message: dict[str, Any]) -> bool:
+        """Pass a message for a call that moved away on to its new owner (in order); False if it did not move."""
+        node = self.moved_to(message["call"])
+        if node is None or node == self.node_id:
+            return False
+        self.to_node(node, message)
+        return True
+
     def _reply(self, node: str, request: int, **answer: Any) -> None:
         self.to_node(node, {"k": "reply", "id": request, **answer})
 
     async def _on_tell(self, message: dict[str, Any]) -> None:
         actor = self._actor(message["call"])
+        if actor is None and self._forward(message):
+            return
         event = decode_event(message["ev"])
         conn = getattr(event, "conn", None)
         socket = self._remote.get((message["from"], conn)) if conn is not None else None

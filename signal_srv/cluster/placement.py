@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from signal_srv.actor import CallActor, CallSummary
 from signal_srv.call import Status
@@ -35,6 +35,7 @@ KEY_TTL = 900.0  # a call's ownership record outlives a dead owner by at most th
 BLOCK_MS = 1000  # longest wait of one inbox read; bounds how long a dead connection goes unnoticed
 FORGET_NODES_AFTER = 10  # leases: a node gone this long is dropped, and its calls from the index
 CLOSE_TIMEOUT = 2.0
+MOVED_KEPT = 10_000  # handed-over calls remembered, to pass late messages on to their new owner
 
 
 class ClusterPlacement:
@@ -45,6 +46,7 @@ class ClusterPlacement:
         self.lease = config.node_lease
         self.registry: Registry | None = None
         self._epochs: dict[str, int] = {}  # calls owned here -> their epoch
+        self._moved: dict[str, str] = {}  # calls handed over -> their new owner (most recent MOVED_KEPT)
         self.stats = ClusterStats(metrics, owned=lambda: len(self._epochs))
         self.link = RedisLink(config.redis_url, min(config.ask_timeout / 2, 2.0), self.stats, BLOCK_MS)
         self.directory = Directory(self.link, node_id, KEY_TTL, config.node_lease)
@@ -61,6 +63,9 @@ class ClusterPlacement:
     def attach(self, registry: Registry) -> None:
         self.registry = registry
         self.bridge.registry = registry
+        self.bridge.hand_over = self._hand_over
+        self.bridge.adopt = self._adopt
+        self.bridge.moved_to = self._moved.get
 
     async def start(self) -> None:
         self.link.start()
@@ -151,12 +156,55 @@ class ClusterPlacement:
         actor.log.warning("call %s is owned by another node now; closing its sockets here", actor.call_id)
         self.registry.release(actor, SERVICE_RESTART, "call moved")
 
+    # Moving a call to where its traffic lands -------------------------------------------------
+
+    def _hand_over(self, actor: CallActor, node: str, done: Callable[[dict[str, Any], int], None]) -> bool:
+        """Give an idle call to ``node`` by a compare-and-set of its epoch; False if it is not idle.
+
+        ``done(data, new epoch)`` runs in the outbox right after the compare-and-set (epoch 0: it failed).
+        """
+        assert self.registry is not None
+        epoch = self._epochs.get(actor.call_id)
+        if epoch is None or not self.ready():
+            return False
+        data = self.registry.hand_over(actor.call_id)
+        if data is None:
+            return False
+        del self._epochs[actor.call_id]
+        self._moved[actor.call_id] = node
+        while len(self._moved) > MOVED_KEPT:
+            del self._moved[next(iter(self._moved))]
+
+        async def move() -> None:
+            try:
+                new_epoch = await self.directory.fenced(actor.call_id, epoch, "move", node)
+            except Unavailable:
+                new_epoch = 0
+            done(data, new_epoch)
+
+        self._queue(move())
+        return True
+
+    def _adopt(self, data: dict[str, Any], epoch: int) -> CallActor:
+        assert self.registry is not None
+        self._epochs[data["call_id"]] = epoch
+        self._moved.pop(data["call_id"], None)
+        return self.registry.adopt(data)
+
     # Calls owned elsewhere -------------------------------------------------------------------
 
     async def locate(self, call_id: str) -> CallRef:
         # Both at once: the owner's lease is read now, not from the last heartbeat, so a
         # request never waits ask_timeout for a node that is gone.
+        if call_id in self._moved:
+            return RemoteCall(self.bridge, call_id, self._moved[call_id])
         owner, live = await asyncio.gather(self.directory.owner(call_id), self.directory.live_nodes())
+        if owner is not None and owner[0] == self.node_id:
+            # Moved here while we looked, or on its way (between the epoch move and its adoption).
+            assert self.registry is not None
+            arrived = self.registry.local(call_id) or await self.bridge.arriving(call_id)
+            if arrived is not None and arrived.alive:
+                return arrived
         if owner is None or owner[0] == self.node_id or owner[0] not in live:
             raise CallNotFound()
         return RemoteCall(self.bridge, call_id, owner[0])

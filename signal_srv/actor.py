@@ -151,6 +151,7 @@ class CallActor:
         self._heartbeat_timeout = heartbeat_timeout
         self._alive = True
         self._released: tuple[int, str] | None = None
+        self._unhandled = 0  # envelopes queued by tell/put/ask and not yet taken by the loop
         # A random phase, so that calls created in a burst do not all ping at the same moment.
         self._pinged_at = time.monotonic() - random.random() * heartbeat_interval
         self._timer: asyncio.TimerHandle | None = None
@@ -202,12 +203,14 @@ class CallActor:
             self._queue.put_nowait(Envelope(event, None, socket))
         except QueueFull:
             return False
+        self._unhandled += 1
         return True
 
     async def put(self, event: Event, socket: Socket | None = None) -> None:
         """Queue an event, waiting for room: the back-pressure path for socket traffic."""
         self._check_alive()
         await self._queue.put(Envelope(event, None, socket))
+        self._unhandled += 1
 
     async def ask(self, event: Event, timeout: float, socket: Socket | None = None) -> Any:
         """Queue an event and wait for the call's answer, at most ``timeout`` seconds.
@@ -230,6 +233,7 @@ class CallActor:
         except QueueFull:
             self.log.warning("inbox full (%d envelopes), refusing %s", self._queue.maxsize, type(event).__name__)
             raise CallBusy() from None
+        self._unhandled += 1
         return reply
 
     async def describe(self, timeout: float, peers: bool = False) -> CallSummary:
@@ -256,6 +260,7 @@ class CallActor:
                 if envelope is None:
                     self._on_timer()
                 else:
+                    self._unhandled -= 1
                     self._process(envelope)
         except Exception:
             crashed = True
@@ -425,7 +430,8 @@ class CallActor:
         Idle: alive, nothing queued and no socket attached, so nothing is in flight and
         there is no one to tell. Runs between two envelopes, like ``summary``.
         """
-        if not self._alive or self._queue.qsize() or self._sockets or self.call.connected:
+        # _unhandled, not the queue's size: an envelope handed straight to the waiting loop is in neither.
+        if not self._alive or self._unhandled or self._sockets or self.call.connected:
             return None
         data = call_to_dict(self.call, time.monotonic(), time.time())
         data["created_at"] = self.created_at
@@ -454,3 +460,4 @@ class CallActor:
         """
         if self._alive:
             await self._queue.put(Envelope(Shutdown()))
+            self._unhandled += 1

@@ -164,8 +164,10 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 class Side:
     """A participant's socket and everything it has received, checked as it arrives."""
 
-    def __init__(self, run: _Run, call_id: str, role: str, peer_id: str, token: str) -> None:
+    def __init__(self, run: _Run, call_id: str, role: str, peer_id: str, token: str,
+                 client: SignalingClient | None = None) -> None:
         self.run, self.call_id, self.role, self.peer_id, self.token = run, call_id, role, peer_id, token
+        self.client = client or run.client  # the node this side's socket connects to
         self.conn: Connection | None = None
         self.other_peer_id = ""
         self.other_identity: str | None = None
@@ -371,11 +373,14 @@ def _is_resume_failed(frame: dict[str, Any]) -> bool:
 
 
 class _Run:
-    def __init__(self, base_url: str, options: StressOptions) -> None:
+    def __init__(self, base_urls: Sequence[str], options: StressOptions) -> None:
         self.options = options
         self.result = StressResult(calls=options.calls)
-        self.client = SignalingClient(base_url, timeout=options.timeout)
-        self.client.http = AsyncHTTPClient(force_instance=True, max_clients=options.http_concurrency)
+        http = AsyncHTTPClient(force_instance=True, max_clients=options.http_concurrency)
+        self.clients = [SignalingClient(url, timeout=options.timeout) for url in base_urls]
+        for client in self.clients:
+            client.http = http
+        self.client = self.clients[0]
         self.rest_slots = asyncio.Semaphore(options.http_concurrency)
         self.connect_slots = asyncio.Semaphore(options.connect_concurrency)
         rng = random.Random(options.seed)
@@ -404,7 +409,7 @@ class _Run:
     async def connect(self, side: Side, deadline: float) -> None:
         async with self.connect_slots:
             started = time.perf_counter()
-            side.conn = await self.client.connect(side.call_id, side.peer_id, side.token)
+            side.conn = await side.client.connect(side.call_id, side.peer_id, side.token)
         self.result.latency_ms["connect"].append(1000.0 * (time.perf_counter() - started))
         self.connected += 1
         side.reader = asyncio.ensure_future(side.read_all(deadline))
@@ -419,7 +424,7 @@ class _Run:
         side.resume_from, side.replaying = old.last_seq, True
         async with self.connect_slots:
             started = time.perf_counter()
-            side.conn = await self.client.resume(old)
+            side.conn = await side.client.resume(old)
         self.result.latency_ms["resume"].append(1000.0 * (time.perf_counter() - started))
         side.reader = asyncio.ensure_future(side.read_all(deadline))
 
@@ -449,14 +454,20 @@ class _Run:
         secret = self.options.jwt_secret
         return mint(secret, sub, grants=[grant], ttl=self.options.duration + 60) if secret else None
 
+    def node(self, index: int, offset: int) -> SignalingClient:
+        """With several nodes: call ``index``'s create, join, host and guest each go to the next node."""
+        return self.clients[(index + offset) % len(self.clients)]
+
     async def _call(self, index: int, mid_run: bool, cut_role: str | None, sides: list[Side], deadline: float) -> bool:
         timeout = self.options.timeout
         host_sub, guest_sub = f"stress-{index}-host", f"stress-{index}-guest"
-        created = await self.rest("create", self.client.create_call(access_token=self.access_token(host_sub, "create")))
+        created = await self.rest("create", self.node(index, 0).create_call(
+            access_token=self.access_token(host_sub, "create")))
         call_id = created["call_id"]
-        joined = await self.rest("join", self.client.join(call_id, access_token=self.access_token(guest_sub, "join")))
-        host = Side(self, call_id, "host", created["peer_id"], created["peer_token"])
-        guest = Side(self, call_id, "guest", joined["peer_id"], joined["peer_token"])
+        joined = await self.rest("join", self.node(index, 1).join(
+            call_id, access_token=self.access_token(guest_sub, "join")))
+        host = Side(self, call_id, "host", created["peer_id"], created["peer_token"], self.node(index, 2))
+        guest = Side(self, call_id, "guest", joined["peer_id"], joined["peer_token"], self.node(index, 3))
         host.other_peer_id, guest.other_peer_id = guest.peer_id, host.peer_id
         if self.options.jwt_secret:
             host.other_identity, guest.other_identity = guest_sub, host_sub
@@ -529,7 +540,7 @@ class _Run:
     async def _end(self, call_id: str, by: Side, sides: list[Side]) -> bool:
         for side in sides:
             side.expect_close = True
-        await self.rest_plain(self.client.end(call_id, by.token))
+        await self.rest_plain(by.client.end(call_id, by.token))
         await asyncio.wait_for(asyncio.gather(*(s.closed.wait() for s in sides)), self.options.timeout)
         return True
 
@@ -572,12 +583,14 @@ class _Run:
         self.client.http.close()
 
 
-async def run_stress(base_url: str, options: StressOptions, progress: Any = None) -> StressResult:
-    """Run the whole stress test against ``base_url``; never raises for server faults.
+async def run_stress(base_url: str | Sequence[str], options: StressOptions, progress: Any = None) -> StressResult:
+    """Run the whole stress test against ``base_url`` (or the nodes of a cluster); never raises for server faults.
 
-    ``progress(run)`` is called twice a second while running, if given.
+    With several URLs, each call is created on one node, joined through the next, and its
+    host's and guest's sockets connect to the two after that, so that they are never on
+    the same node. ``progress(run)`` is called twice a second while running, if given.
     """
-    run = _Run(base_url, options)
+    run = _Run([base_url] if isinstance(base_url, str) else list(base_url), options)
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     deadline = loop.time() + options.duration
@@ -748,6 +761,8 @@ def format_table(result: StressResult, options: StressOptions) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="signal-srv-stress", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="server to test, e.g. http://127.0.0.1:8080 (default: spawn one)")
+    p.add_argument("--urls", help="nodes of a cluster, comma-separated: each call's host and guest sockets go to "
+                                  "two different nodes, its create and join to others (exact-delivery checks as ever)")
     p.add_argument("--spawn", action="store_true", help="start a server on a free 127.0.0.1 port (the default)")
     p.add_argument("--calls", type=int, default=StressOptions.calls, help="concurrent calls (default %(default)s)")
     p.add_argument("--candidates", type=int, default=StressOptions.candidates,
@@ -768,10 +783,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "a random secret; with --url, the secret comes from SIGNAL_SRV_JWT_SECRET)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = p.parse_args(argv)
-    if args.auth == "jwt" and args.url and not os.environ.get("SIGNAL_SRV_JWT_SECRET"):
-        p.error("--auth=jwt with --url needs the server's secret in SIGNAL_SRV_JWT_SECRET")
-    if args.url and args.spawn:
-        p.error("--url and --spawn exclude each other")
+    if args.auth == "jwt" and (args.url or args.urls) and not os.environ.get("SIGNAL_SRV_JWT_SECRET"):
+        p.error("--auth=jwt with --url or --urls needs the servers' secret in SIGNAL_SRV_JWT_SECRET")
+    if sum(bool(x) for x in (args.url, args.urls, args.spawn)) > 1:
+        p.error("--url, --urls and --spawn exclude each other")
     if (args.calls < 1 or args.candidates < 0 or not 0 <= args.end_fraction <= 1
             or not 0 <= args.cut_fraction <= 1 or args.duration <= 0):
         p.error("need --calls >= 1, --candidates >= 0, 0 <= --end-fraction <= 1, 0 <= --cut-fraction <= 1, "
@@ -793,17 +808,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     secret = ""
     if args.auth == "jwt":
-        secret = os.environ["SIGNAL_SRV_JWT_SECRET"] if args.url else secrets.token_urlsafe(32)
+        secret = os.environ["SIGNAL_SRV_JWT_SECRET"] if args.url or args.urls else secrets.token_urlsafe(32)
     options = StressOptions(calls=args.calls, candidates=args.candidates, end_fraction=args.end_fraction,
                             cut_fraction=args.cut_fraction, duration=args.duration, timeout=args.timeout,
                             seed=args.seed, jwt_secret=secret)
     raise_nofile(4 * options.calls + 1024)
-    server = None if args.url else spawn_server(options.calls, server_dir=args.server_dir,
-                                                cuts=options.cut_fraction > 0, jwt_secret=secret)
+    urls = args.urls.split(",") if args.urls else [args.url] if args.url else []
+    server = None if urls else spawn_server(options.calls, server_dir=args.server_dir,
+                                            cuts=options.cut_fraction > 0, jwt_secret=secret)
     try:
-        url = args.url or server.base_url  # type: ignore[union-attr]
+        urls = urls or [server.base_url]  # type: ignore[union-attr]
         live = _progress_line if sys.stdout.isatty() and not args.json else None
-        result = asyncio.run(run_stress(url, options, live))
+        result = asyncio.run(run_stress(urls, options, live))
     finally:
         if server is not None:
             server.stop()

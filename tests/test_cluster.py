@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 from signal_srv.client import Connection, SignalingClient
+from signal_srv.stress import StressOptions, run_stress
 from tests.conftest import TIMEOUT
 from tests.live_server import LiveServer
 from tests.services import RedisServer, needs, redis_cluster
@@ -279,3 +280,16 @@ async def test_a_call_across_nodes_on_a_redis_cluster_of_three_masters(tmp_path:
             node.kill()
         for server in servers:
             server.stop()
+
+
+async def test_stress_over_three_nodes_with_host_and_guest_on_different_nodes_has_zero_faults(
+    nodes: list[LiveServer],
+) -> None:
+    options = StressOptions(calls=200, candidates=5, end_fraction=0.3, timeout=TIMEOUT * 2, duration=TIMEOUT * 12,
+                            seed=13)
+    result = await run_stress([node.base_url for node in nodes], options)
+    assert result.failures == [] and result.ok, result.failures[:5]
+    assert (result.calls_ok, result.lost, result.duplicated, result.misrouted, result.reordered) == (200, 0, 0, 0, 0)
+    assert result.delivered == result.sent > 0
+    for node in nodes:
+        assert not node.problems(), node.problems()

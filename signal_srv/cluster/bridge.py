@@ -163,9 +163,17 @@ class RemoteSocket:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Moved:
-    """The owner's answer to a connect that took the call over: the call, adopted here."""
+    """The owner's answer to a connect that took the call over: the connect's answer, from here."""
 
-    actor: CallActor
+    reply: asyncio.Future[Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pending:
+    future: asyncio.Future[Any]
+    call: RemoteCall
+    event: Event | Describe
+    socket: Socket | None
 
 
 def _never(actor: CallActor, node: str, done: Callable[[dict[str, Any], int], None]) -> bool:
@@ -234,9 +242,12 @@ class Bridge:
         self.adopt: Callable[[dict[str, Any], int], CallActor] = _cannot_adopt
         self.moved_to: Callable[[str], str | None] = lambda call_id: None
         self._inbox = inbox_key(node_id)
+        self.inbox_ready = asyncio.Event()
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, _Pending] = {}
         self._arrivals: dict[str, asyncio.Future[CallActor | None]] = {}  # calls a connect here may take over
+        self._held_back: dict[str, list[dict[str, Any]]] = {}  # messages for those calls, until they arrive
+        self._deferred: set[asyncio.Task[None]] = set()
         self._bridged: dict[int, _Bridged] = {}  # socket side: conn -> our socket, bridged to an owner
         self._remote: dict[tuple[str, int], RemoteSocket] = {}  # owner side: (node, conn) -> stand-in
 
@@ -256,7 +267,7 @@ class Bridge:
         """Send ``event`` to the owner and wait for its answer (``CallBusy`` if late, ``Unavailable`` if cut off)."""
         request = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[request] = future
+        self._pending[request] = _Pending(future, call, event, socket)
         conn = event.conn if isinstance(event, Connect) else None
         if conn is not None and socket is not None:
             self._bridged[conn] = _Bridged(socket, call.owner, call.call_id)
@@ -264,9 +275,10 @@ class Bridge:
         arrival = self._expect_arrival(call.call_id) if conn is not None else None
         self.to_node(call.owner, {"k": "ask", "id": request, "from": self.node_id, "call": call.call_id,
                                   "ev": encode_event(event), "move": conn is not None})
-        started = time.monotonic()
         try:
             answer = await asyncio.wait_for(future, timeout)
+            if isinstance(answer, _Moved):  # the call is ours now, and the connect already in its inbox
+                answer = await asyncio.wait_for(asyncio.shield(answer.reply), timeout)
         except TimeoutError:
             if not self.link.reachable:
                 raise Unavailable() from None
@@ -278,19 +290,8 @@ class Bridge:
         finally:
             self._pending.pop(request, None)
             if arrival is not None:
-                self._arrived(call.call_id, arrival, None)  # unless adopted below, nothing arrives
-        if not isinstance(answer, _Moved):
-            return answer
-        assert isinstance(event, Connect)
-        self._bridged.pop(event.conn, None)
-        call.local = answer.actor
-        return await call.local.ask(event, max(timeout - (time.monotonic() - started), 0.001), socket)
-
-    def _arrived(self, call_id: str, arrival: asyncio.Future[CallActor | None], actor: CallActor | None) -> None:
-        if self._arrivals.get(call_id) is arrival:
-            del self._arrivals[call_id]
-        if not arrival.done():
-            arrival.set_result(actor)
+                self._arrived(call.call_id, arrival, None)  # a no-op if the call arrived
+        return answer
 
     def _expect_arrival(self, call_id: str) -> asyncio.Future[CallActor | None]:
         arrival: asyncio.Future[CallActor | None] = asyncio.get_running_loop().create_future()
@@ -303,23 +304,46 @@ class Bridge:
         arrival = self._arrivals.get(call_id)
         return await asyncio.shield(arrival) if arrival is not None else None
 
+    def _arrived(self, call_id: str, arrival: asyncio.Future[CallActor | None], actor: CallActor | None) -> None:
+        """The call a connect offered to take over is here now (or not): handle what waited for it, in order."""
+        if self._arrivals.get(call_id) is arrival:
+            del self._arrivals[call_id]
+        if not arrival.done():
+            arrival.set_result(actor)
+        for message in self._held_back.pop(call_id, ()):
+            if message["k"] == "ask":
+                self._on_ask(message)
+            else:
+                self._defer(self._on_tell(message))
+
+    def _defer(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._deferred.add(task)
+        task.add_done_callback(self._deferred.discard)
+
+
     def _on_reply(self, message: dict[str, Any]) -> None:
-        future = self._pending.get(message["id"])
+        pending = self._pending.get(message["id"])
         if "moved" in message:
-            # Adopted at once, even if the asker gave up, and before the next inbox entry,
-            # which may be for this call already.
+            # Adopted at once, even if the asker gave up, and with the connect queued at once,
+            # before the next inbox entry (which may be for this call, and find it idle).
             actor = self.adopt(message["moved"], message["epoch"])
             arrival = self._arrivals.get(actor.call_id)
+            if pending is not None and isinstance(pending.event, Connect) and not pending.future.done():
+                self._bridged.pop(pending.event.conn, None)
+                pending.call.local = actor
+                try:
+                    pending.future.set_result(_Moved(actor.ask_nowait(pending.event, pending.socket)))
+                except SignalError as exc:
+                    pending.future.set_exception(exc)
             if arrival is not None:
                 self._arrived(actor.call_id, arrival, actor)
-            if future is not None and not future.done():
-                future.set_result(_Moved(actor))
-        elif future is None or future.done():
+        elif pending is None or pending.future.done():
             return
         elif "error" in message:
-            future.set_exception(decode_error(message["error"]))
+            pending.future.set_exception(decode_error(message["error"]))
         else:
-            future.set_result(decode_result(message["result"]))
+            pending.future.set_result(decode_result(message["result"]))
 
     def _on_frame(self, message: dict[str, Any]) -> None:
         bridged = self._bridged.get(message["conn"])
@@ -436,8 +460,15 @@ class Bridge:
 
     # Loops ----------------------------------------------------------------------------------
 
+    async def reset_inbox(self) -> None:
+        """Empty this node's inbox before it takes its lease: a node id used again after a restart
+        must not replay what was sent to its previous run (answers to requests it no longer has)."""
+        await self.link.run(lambda r: r.delete(self._inbox))
+        self.inbox_ready.set()
+
     async def read_inbox(self) -> None:
         """Handle this node's inbox in order, forever; after a failure resume from the last entry."""
+        await self.inbox_ready.wait()
         last = "0-0"
         while True:
             client = self.link.blocking
@@ -458,6 +489,11 @@ class Bridge:
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["k"]
+        call_id = message.get("call")
+        if call_id in self._arrivals and self._actor(call_id) is None:
+            # For a call on its way here (another node may know its new owner before we do).
+            self._held_back.setdefault(call_id, []).append(message)
+            return
         try:
             if kind == "tell":
                 await self._on_tell(message)

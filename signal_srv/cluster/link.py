@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 SCRIPTS = ("claim", "fenced", "index_put", "index_drop", "listing", "heartbeat", "live")
 RECONNECT_INTERVAL = 0.5
+POOL_SIZE = 64
 T = TypeVar("T")
 
 Client = Redis | RedisCluster
@@ -101,7 +102,10 @@ class RedisLink:
         )
         if self.cluster:
             return RedisCluster.from_url(self.url, **options)
-        return Redis.from_url(self.url, retry_on_error=[RedisConnectionError, RedisTimeoutError], **options)
+        # A burst of requests waits for a pooled connection instead of failing at the pool's size.
+        pool = BlockingConnectionPool.from_url(self.url, max_connections=POOL_SIZE, timeout=self.timeout,
+                                               retry_on_error=[RedisConnectionError, RedisTimeoutError], **options)
+        return Redis(connection_pool=pool)
 
     async def run(self, command: Callable[[Client], Awaitable[T]]) -> T:
         """Run one command (or pipeline) against the command client, timed and counted.

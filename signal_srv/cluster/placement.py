@@ -218,6 +218,8 @@ class ClusterPlacement:
         await self.link.connected.wait()
         while True:
             try:
+                if not self.bridge.inbox_ready.is_set():
+                    await self.bridge.reset_inbox()
                 await self._beat()
             except Unavailable:
                 self._leased = False

@@ -356,8 +356,9 @@ class Pair:
 class Load:
     """Pairs of sockets against one target, with what they relay going to ``on_relay``."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, b_port: int | None = None) -> None:
         self.target = target
+        self.ports = (target.port, b_port or target.port)  # where each pair's two sockets connect
         self.pairs: list[Pair] = []
         self.on_relay: Callable[[Ws, bytes], None] = lambda ws, data: None
         self.errors = 0
@@ -388,16 +389,20 @@ class Load:
         """Open both sockets of every pair and wait until each pair is ready; return the errors."""
         slots = asyncio.Semaphore(concurrency or len(paths) * 2)
 
-        async def one(path: str) -> Ws:
+        async def one(path: str, port: int) -> Ws:
             async with slots:
-                ws = await ws_connect(self.target.port, path, self._on_text)
+                ws = await ws_connect(port, path, self._on_text)
             if self.target.kind == FLOOR:
                 ws.ready.set_result(None)  # the floor pairs synchronously in open()
             return ws
 
         async def pair(a_path: str, b_path: str) -> None:
             try:
-                a, b = await asyncio.gather(one(a_path), one(b_path))
+                if self.ports[0] == self.ports[1]:
+                    a, b = await asyncio.gather(one(a_path, self.ports[0]), one(b_path, self.ports[1]))
+                else:  # a first, so that the call lives where a is and b is bridged
+                    a = await one(a_path, self.ports[0])
+                    b = await one(b_path, self.ports[1])
                 await asyncio.gather(a.ready, b.ready)
             except (OSError, ConnectionError):
                 self.errors += 1
@@ -999,6 +1004,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--auth", choices=("none", "jwt"), default="none",
                    help="run every signal_srv server with auth=jwt, the load minting its tokens (the create-rate "
                         "comparison of auth=jwt and auth=none runs either way)")
+    p.add_argument("--cluster", action="store_true",
+                   help="cluster figures instead: (a)-(d) as ratios to the single-process server (needs redis-server)")
+    p.add_argument("--baseline-dir", help="with --cluster: the source tree of 'today' for figure (a)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sweep-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -1013,6 +1021,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.sweep_probe:
         sweep_probe(args.calls)
+        return
+    if args.cluster:
+        from signal_srv.bench_cluster import run_cluster_bench
+
+        run_cluster_bench(args.baseline_dir, args.json)
         return
     from signal_srv.stress import raise_nofile
 

@@ -13,7 +13,7 @@ from signal_srv.client import SignalingClient
 from tests.conftest import TIMEOUT
 from tests.live_server import LiveServer
 from tests.services import Nginx, RedisServer, needs
-from tests.test_cluster import bridged_frames, start_node, stop_cleanly
+from tests.test_cluster import bridged_frames, pair_across, start_node, stop_cleanly
 
 pytestmark = needs("redis-server", "redis-cli", "nginx")
 
@@ -52,13 +52,8 @@ async def test_behind_the_proxy_a_calls_frames_stay_on_one_node(cluster: tuple[l
     nodes, nginx = cluster
     api = SignalingClient(nginx.base_url, timeout=TIMEOUT)
     for _ in range(6):
-        host = await api.create_call()
-        guest = await api.join(host["call_id"])
-        a = await api.connect_as(host)
-        await a.wait_for("state", subject=host["peer_id"])
-        b = await api.connect_as(guest)
-        await b.wait_for("state", subject=guest["peer_id"])
-        await a.wait_for("state", subject=guest["peer_id"], event="connected")
+        pair = await pair_across(api, api, api, api)
+        host, guest, a, b = pair.host, pair.guest, pair.a, pair.b
         assert socket_node(nodes, host["peer_id"]) is socket_node(nodes, guest["peer_id"])
         before = [bridged_frames(node) for node in nodes]
         a.send("offer", {"sdp": "o"})

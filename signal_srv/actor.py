@@ -9,6 +9,7 @@ or change a half-updated call and no lock is needed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -28,8 +29,10 @@ from signal_srv.call import (
     Expire,
     Identify,
     Join,
+    Leave,
     Notify,
     Receive,
+    Remove,
     Send,
     Shutdown,
     Status,
@@ -71,6 +74,12 @@ class Envelope:
 
 
 _WAKE_UP = Envelope(Expire())  # posted by the actor's timer; checked by identity
+
+_CHANGES_PARTICIPANTS = frozenset({Join, Leave, Remove, Expire})
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +132,12 @@ class CallActor:
 
     ``on_status(actor, effect)`` is called synchronously when the call changes status,
     so that the registry's index is never stale.
+
+    ``vouches_for`` answers from a digest of the participants' tokens that the actor
+    publishes as a new, never-mutated dict whenever someone joins or leaves: a participant's
+    token never changes while it is in the call, so the edges can refuse a wrong token
+    without queueing it (it must never crowd out authorized work). The call's own check,
+    inside the loop, stays the authority: a token that passed here can still be refused there.
     """
 
     def __init__(
@@ -157,6 +172,8 @@ class CallActor:
         self._timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.log = logging.LoggerAdapter(logger, {"call_id": self.call_id})
+        self._token_holders: dict[bytes, str] = {}
+        self._publish_tokens()  # an adopted call comes with its participants
 
     # Interface used by handlers --------------------------------------------------------
 
@@ -188,8 +205,17 @@ class CallActor:
     def start(self, peer_id: str, peer_token: str, identity: str | None = None, name: str | None = None) -> Joined:
         """Seat the host; called once, before ``run`` starts."""
         self.call.handle(Join(peer_id, peer_token, identity, name), time.monotonic())
+        self._publish_tokens()
         host = self.call.participant(peer_id)
         return Joined(host.role, host.polite, self.summary())
+
+    def vouches_for(self, token: str, peer_id: str | None = None) -> bool:
+        """Whether ``token`` is a participant's (``peer_id``'s, if given), without the inbox."""
+        holder = self._token_holders.get(_digest(token.encode("utf-8", "replace")))
+        return holder is not None and (peer_id is None or holder == peer_id)
+
+    def _publish_tokens(self) -> None:
+        self._token_holders = {_digest(p.token): p.peer_id for p in self.call.participants.values()}
 
     def overdue(self, now: float) -> bool:
         """True if the call's deadline has passed (the sweep's backstop check)."""
@@ -340,6 +366,8 @@ class CallActor:
             return
         if type(event) is Receive and type(event.message) is Relay:
             self._metrics.relayed[event.message.type] += 1
+        elif type(event) in _CHANGES_PARTICIPANTS:
+            self._publish_tokens()
         elif envelope.socket is not None and isinstance(event, Connect):
             self._sockets[event.conn] = envelope.socket
         elif isinstance(event, Disconnect):

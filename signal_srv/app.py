@@ -101,10 +101,7 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
     if registry is None:
         registry = make_registry(config)
     registry.metrics.watch(registry)
-    limits = Limits(
-        rate_create=config.rate_create, rate_create_burst=config.rate_create_burst,
-        rate_join=config.rate_join, rate_join_burst=config.rate_join_burst, max_sockets=config.max_sockets,
-    )
+    limits = Limits(config)
     deps: dict[str, Any] = {"registry": registry, "config": config, "limits": limits, "metrics": registry.metrics}
     auth = make_verifier(config)
     api = {**deps, "auth": auth}  # the REST handlers; the socket keeps using peer tokens
@@ -135,6 +132,7 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         default_handler_args=api,
         log_function=log_request,
         websocket_max_message_size=config.max_message_size,
+        metrics=registry.metrics,
     )
 
 
@@ -143,4 +141,4 @@ def make_metrics_app(registry: Registry, config: Config) -> Application:
     deps = {"metrics": registry.metrics}
     return GuardedApplication([(r"/metrics", MetricsHandler, deps)], allowed_hosts=config.allowed_hosts,
                               default_handler_class=NotFoundHandler, default_handler_args=deps,
-                              log_function=log_request)
+                              log_function=log_request, metrics=registry.metrics)

@@ -294,15 +294,19 @@ class Ws(asyncio.Protocol):
             self.handshake.set_exception(ConnectionError("connection lost during the handshake"))
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("connection lost before the pair was ready"))
+            self.ready.exception()  # seen here: a socket refused at its handshake has nobody waiting for it
 
 
-async def http_connect(port: int) -> Http:
-    _, protocol = await asyncio.get_running_loop().create_connection(Http, "127.0.0.1", port)
+async def http_connect(port: int, source: str | None = None) -> Http:
+    """A keep-alive connection to 127.0.0.1:``port``, from the loopback address ``source`` if given."""
+    _, protocol = await asyncio.get_running_loop().create_connection(
+        Http, "127.0.0.1", port, local_addr=(source, 0) if source else None)
     return protocol
 
 
-async def ws_connect(port: int, path: str, on_text: Callable[[Ws, bytes], None]) -> Ws:
-    _, ws = await asyncio.get_running_loop().create_connection(lambda: Ws(on_text), "127.0.0.1", port)
+async def ws_connect(port: int, path: str, on_text: Callable[[Ws, bytes], None], source: str | None = None) -> Ws:
+    _, ws = await asyncio.get_running_loop().create_connection(
+        lambda: Ws(on_text), "127.0.0.1", port, local_addr=(source, 0) if source else None)
     assert ws.transport is not None
     ws.transport.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -482,10 +486,11 @@ async def closed_loop(load: Load, seconds: float) -> dict[str, Any]:
 
 
 async def paced(
-    load: Load, seconds: float, low: float = 1.0, high: float = 3.0, active: int | None = None
+    load: Load, seconds: float, low: float = 1.0, high: float = 3.0, active: int | None = None,
+    offer: bytes = OFFER, answer: bytes = ANSWER,
 ) -> dict[str, Any]:
-    """T2/T3: each of the first ``active`` pairs (default: all) does one offer->answer exchange
-    every ``low``-``high`` s; the others stay idle. Hop and round-trip latency."""
+    """T2/T3: each of the first ``active`` pairs (default: all) does one ``offer`` -> ``answer``
+    exchange every ``low``-``high`` s; the others stay idle. Hop and round-trip latency."""
     hops: list[float] = []
     trips: list[float] = []
     loop = asyncio.get_running_loop()
@@ -496,7 +501,7 @@ async def paced(
     def fire(p: Pair) -> None:
         if running:
             p.sent_at = time.perf_counter()
-            p.a.send(OFFER)
+            p.a.send(offer)
             loop.call_later(rng.uniform(low, high), fire, p)
 
     def on_relay(ws: Ws, data: bytes) -> None:
@@ -505,7 +510,7 @@ async def paced(
         if ws is p.b:
             if measuring:
                 hops.append(elapsed)
-            ws.send(ANSWER)
+            ws.send(answer)
         elif measuring:
             trips.append(elapsed)
 
@@ -769,6 +774,7 @@ class Plan:
     scale_active: int = 100
     heartbeat_seconds: float = 20.0
     auth: str = "none"  # of every signal_srv server (T7's auth comparison runs both)
+    hostile_seconds: float = 6.0
 
 
 def make_plan(quick: bool, server_dir: str | None, auth: str = "none") -> Plan:
@@ -784,7 +790,7 @@ def make_plan(quick: bool, server_dir: str | None, auth: str = "none") -> Plan:
                 stress=StressOptions(calls=1000, candidates=20, end_fraction=0.3, duration=180),
                 small=100, large=5000, levels=(100, 500, 1000, 5000), server_dir=server_dir,
                 scale_steps=(2500, 5000, 7500, 10000, 15000, 20000), scale_seconds=5.0, scale_active=100,
-                heartbeat_seconds=20.0, auth=auth)
+                heartbeat_seconds=20.0, auth=auth, hostile_seconds=10.0)
 
 
 async def run_plan(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
@@ -818,7 +824,11 @@ async def run_plan(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
     say(f"  stress tool: {plan.stress.calls} calls, {plan.stress.candidates} candidates, "
         f"{plan.stress.end_fraction:.0%} ended mid-run")
     stress = await stress_figure(plan)
-    return {"raw": raw, "sweep": sweep, "stress": stress}
+    from signal_srv.hostile import hostile_figure
+
+    say("  one hostile IP: a victim's relay latency alone, then with one attacker address at the default limits")
+    hostile = await hostile_figure(plan.server_dir, plan.hostile_seconds)
+    return {"raw": raw, "sweep": sweep, "stress": stress, "hostile": hostile}
 
 
 # Summarising -------------------------------------------------------------------------------------
@@ -914,6 +924,10 @@ def summarise(plan: Plan, results: dict[str, Any]) -> list[Row]:
     faults = sum(st[k] for k in ("lost", "duplicated", "misrouted", "reordered", "unexpected_errors", "unexpected_closes"))
     rows.append(Row(f"T10 stress {plan.stress.calls} calls x {plan.stress.candidates} cand.", faults, None, "faults",
                     "0", st["ok"], st["client_cpu"], f"{st['delivered']} delivered, {st['messages_per_s']} msg/s"))
+    if "hostile" in results:
+        from signal_srv.hostile import hostile_row
+
+        rows.append(hostile_row(results["hostile"]))
     return rows
 
 
@@ -1007,6 +1021,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cluster", action="store_true",
                    help="cluster figures instead: (a)-(d) as ratios to the single-process server (needs redis-server)")
     p.add_argument("--baseline-dir", help="with --cluster: the source tree of 'today' for figure (a)")
+    p.add_argument("--hostile", action="store_true",
+                   help="only the 'one hostile IP' figure (about 25 s): a victim's relay p99 alone and under attack")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sweep-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -1036,8 +1052,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     say = (lambda text: print(text, file=sys.stderr, flush=True))
     say(f"signal_srv bench ({'quick' if args.quick else 'full'}) on {machine()}")
-    results = asyncio.run(run_plan(plan, say))
-    rows = summarise(plan, results)
+    if args.hostile:
+        from signal_srv.hostile import hostile_figure, hostile_row
+
+        results = {"hostile": asyncio.run(hostile_figure(plan.server_dir, plan.hostile_seconds))}
+        rows = [hostile_row(results["hostile"])]
+    else:
+        results = asyncio.run(run_plan(plan, say))
+        rows = summarise(plan, results)
     elapsed = round(time.perf_counter() - started)
     report = json.dumps({"machine": machine(), "mode": "quick" if args.quick else "full", "seconds": elapsed,
                          "summary": [{**vars(r), "ratio": r.ratio} for r in rows], **results}, indent=1)

@@ -76,7 +76,23 @@ class Config:
     rate_join_burst: int = 20
     ws_rate: float = 50.0
     ws_rate_burst: int = 200
+    ws_bytes_rate: float = 65536.0
+    ws_bytes_burst: int = 262144
+    ws_reconnect_rate: float = 1.0
+    ws_reconnect_burst: int = 10
+    ws_ip_rate: float = 200.0
+    ws_ip_rate_burst: int = 400
+    ws_ip_bytes_rate: float = 262144.0
+    ws_ip_bytes_burst: int = 524288
+    ws_ip_connect_rate: float = 10.0
+    ws_ip_connect_burst: int = 20
+    ws_sockets_per_ip: int = 100
+    auth_failure_rate: float = 1.0
+    auth_failure_burst: int = 20
     max_sockets: int = 200000
+    http_connections_per_ip: int = 200
+    http_idle_timeout: float = 60.0
+    http_body_timeout: float = 30.0
     shutdown_timeout: float = 10.0
     metrics_port: int = 0
     log_format: str = "text"
@@ -140,9 +156,28 @@ _HELP = {
     "rate_create_burst": "calls one client IP may create in a burst",
     "rate_join": "joins one client IP may make per second, sustained (0: no limit)",
     "rate_join_burst": "joins one client IP may make in a burst",
-    "ws_rate": "frames one socket may send per second, sustained (0: no limit)",
-    "ws_rate_burst": "frames one socket may send in a burst",
+    "ws_rate": "frames (control frames and fragments too) one participant may send per second, sustained "
+               "(0: no limit)",
+    "ws_rate_burst": "frames one participant may send in a burst",
+    "ws_bytes_rate": "frame bytes one participant may send per second, sustained (0: no limit)",
+    "ws_bytes_burst": "frame bytes one participant may send in a burst",
+    "ws_reconnect_rate": "socket connects one participant may make per second, sustained (0: no limit)",
+    "ws_reconnect_burst": "socket connects one participant may make in a burst",
+    "ws_ip_rate": "frames all sockets of one client IP may send per second together, sustained (0: no limit)",
+    "ws_ip_rate_burst": "frames all sockets of one client IP may send in a burst",
+    "ws_ip_bytes_rate": "frame bytes all sockets of one client IP may send per second together, sustained "
+                        "(0: no limit)",
+    "ws_ip_bytes_burst": "frame bytes all sockets of one client IP may send in a burst",
+    "ws_ip_connect_rate": "socket connects (handshakes) one client IP may make per second, sustained (0: no limit)",
+    "ws_ip_connect_burst": "socket connects one client IP may make in a burst",
+    "ws_sockets_per_ip": "open signaling sockets one client IP may have (0: no limit)",
+    "auth_failure_rate": "wrong tokens one client IP may send per second before 429 / close 1008 (0: no limit)",
+    "auth_failure_burst": "wrong tokens one client IP may send in a burst",
     "max_sockets": "open signaling sockets in the process before new ones are closed with 1013",
+    "http_connections_per_ip": "HTTP connections one TCP peer may have open (0: no limit; not applied with xheaders)",
+    "http_idle_timeout": "seconds a connection may take to send a request's headers, counted from its opening "
+                         "or the end of the previous response (so also the keep-alive idle time)",
+    "http_body_timeout": "seconds a request may take to send its body",
     "shutdown_timeout": "seconds a graceful shutdown may take before the process exits anyway",
     "metrics_port": "serve /metrics on this port only (0: on the main port)",
     "log_format": "'text' or 'json' (one JSON object per line, for log shippers)",
@@ -294,15 +329,20 @@ def _require(ok: bool, name: str, value: Any, rule: str) -> None:
 def _checked(c: Config) -> Config:
     for name in ("call_ttl", "cleanup_interval", "heartbeat_interval", "heartbeat_timeout", "ask_timeout",
                  "shutdown_timeout", "ws_close_grace", "unclaimed_ttl", "departure_timeout", "turn_credential_ttl",
-                 "webhook_timeout", "node_lease"):
+                 "webhook_timeout", "node_lease", "http_idle_timeout", "http_body_timeout"):
         value = getattr(c, name)
         _require(math.isfinite(value) and value > 0, name, value, "must be a number of seconds > 0")
     _require(0 <= c.port <= 65535, "port", c.port, "must be between 0 and 65535")
     _require(2 <= c.max_participants <= 16, "max_participants", c.max_participants, "must be between 2 and 16")
     for name in ("max_calls", "ws_buffer_limit", "mailbox_size", "max_sockets", "rate_create_burst",
-                 "rate_join_burst", "ws_rate_burst", "resume_buffer", "resume_buffer_bytes", "webhook_queue_size"):
+                 "rate_join_burst", "ws_rate_burst", "ws_bytes_burst", "ws_reconnect_burst",
+                 "ws_ip_rate_burst", "ws_ip_bytes_burst", "ws_ip_connect_burst", "auth_failure_burst",
+                 "resume_buffer", "resume_buffer_bytes", "webhook_queue_size"):
         _require(getattr(c, name) >= 1, name, getattr(c, name), "must be at least 1")
-    for name in ("rate_create", "rate_join", "ws_rate"):
+    for name in ("ws_sockets_per_ip", "http_connections_per_ip"):
+        _require(getattr(c, name) >= 0, name, getattr(c, name), "must be at least 0 (0: no limit)")
+    for name in ("rate_create", "rate_join", "ws_rate", "ws_bytes_rate", "ws_reconnect_rate", "ws_ip_rate",
+                 "ws_ip_bytes_rate", "ws_ip_connect_rate", "auth_failure_rate"):
         value = getattr(c, name)
         _require(math.isfinite(value) and value >= 0, name, value, "must be a rate per second >= 0 (0: no limit)")
     _require(0 <= c.metrics_port <= 65535, "metrics_port", c.metrics_port, "must be between 0 and 65535")

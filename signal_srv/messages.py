@@ -11,6 +11,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
 from signal_srv.errors import BadMessage, UnknownType
@@ -50,8 +51,8 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 class Relay:
     """A message to pass on, untouched, to the other participant of the call.
 
-    ``payload_json`` is the payload as compact JSON text: a parsed payload can cost some
-    25 times its size in Python objects, and the call may hold the message for a while.
+    ``payload_json`` is the payload's JSON text exactly as the sender wrote it (validated):
+    relaying it costs a copy, not a second encode.
     """
 
     type: str
@@ -120,28 +121,85 @@ def parse(text: str, max_size: int) -> Relay | Ping:
     """
     if len(text) > max_size - RELAY_OVERHEAD:
         raise BadMessage(f"payload too large: at most {max_size - RELAY_OVERHEAD} characters")
-    value = loads(text)
-    if not isinstance(value, dict):
-        raise BadMessage("message must be a JSON object")
-    kind = value.get("type")
+    members = _object_members(text)
+    kind = members["type"][0] if "type" in members else None
     if kind is None:
         raise BadMessage("'type' is missing")
     if not isinstance(kind, str):
         raise BadMessage("'type' must be a string")
     if kind in RELAY_TYPES:
-        if "payload" not in value:
+        if "payload" not in members:
             raise BadMessage(f"'payload' is missing from {kind!r}")
-        return Relay(kind, _compact(value["payload"]))
+        _, start, end = members["payload"]
+        return Relay(kind, text[start:end])
     if kind == "ping":
         return Ping()
     raise UnknownType(f"unknown type {kind[:40]!r}; expected one of ping, {', '.join(sorted(RELAY_TYPES))}")
 
 
-def _compact(payload: Any) -> str:
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# Numbers are left to the C scanner's own float(): an out-of-range number is valid JSON text,
+# and payloads are relayed as written, never encoded again.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _object_members(text: str) -> dict[str, tuple[Any, int, int]]:
+    """Each member of the JSON object ``text``: its value, and where its text starts and ends.
+
+    As strict as ``loads`` (NaN, Infinity and lone surrogates are refused). Raises
+    ``BadMessage``, with json's own explanation for text that is not valid JSON.
+    """
     try:
-        return to_json(payload)
+        members = _scan_object(text)
     except RecursionError:
         raise BadMessage("JSON nested too deeply") from None
+    except (ValueError, StopIteration):
+        members = None
+    if members is None:
+        value = loads(text)  # invalid JSON raises here, with json's message
+        raise BadMessage("message must be a JSON object" if not isinstance(value, dict) else "invalid JSON")
+    if _SURROGATE_ESCAPE.search(text):
+        for key, (value, _, _) in members.items():
+            _check_unicode(key)
+            _check_unicode(value)
+    return members
+
+
+def _skip_space(text: str, i: int) -> int:
+    match = _WHITESPACE.match(text, i)
+    return match.end() if match else i
+
+
+def _scan_object(text: str) -> dict[str, tuple[Any, int, int]] | None:
+    """The members of a top-level JSON object with their spans, or None if ``text`` is not one."""
+    skip, scan = _skip_space, _DECODER.scan_once  # type: ignore[attr-defined]
+    i = skip(text, 0)
+    if text[i:i + 1] != "{":
+        return None
+    i = skip(text, i + 1)
+    members: dict[str, tuple[Any, int, int]] = {}
+    if text[i:i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            if text[i:i + 1] != '"':
+                return None
+            key, i = scanstring(text, i + 1, True)
+            i = skip(text, i)
+            if text[i:i + 1] != ":":
+                return None
+            start = skip(text, i + 1)
+            value, end = scan(text, start)
+            members[key] = (value, start, end)
+            i = skip(text, end)
+            if text[i:i + 1] == ",":
+                i = skip(text, i + 1)
+            elif text[i:i + 1] == "}":
+                i += 1
+                break
+            else:
+                return None
+    return members if skip(text, i) == len(text) else None
 
 
 def to_json(message: Any) -> str:

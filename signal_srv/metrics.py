@@ -26,6 +26,7 @@ class Metrics:
         self.rate_limited: Counter[str] = Counter()
         self.webhooks: Counter[str] = Counter()
         self.sockets = 0
+        self.accept_paused = 0
         self.prometheus = CollectorRegistry(auto_describe=True)
         self.request_seconds = Histogram(
             "signal_srv_http_request_duration_seconds", "REST request latency by route",
@@ -72,6 +73,8 @@ class _Collector:
             _counter("signal_srv_rate_limited", "requests refused by a rate limit, by limit", "limit",
                      self.metrics.rate_limited),
         )
+        yield CounterMetricFamily("signal_srv_accept_paused", "pauses of the accept loop for want of file "
+                                  "descriptors", value=self.metrics.accept_paused)
         webhooks = CounterMetricFamily(
             "signal_srv_webhooks", "webhook events by outcome (retried: extra attempts)", labels=["outcome"])
         for outcome in ("delivered", "failed", "dropped", "retried"):

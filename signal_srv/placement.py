@@ -43,6 +43,9 @@ class CallRef(Protocol):
 
     async def describe(self, timeout: float, peers: bool = False) -> CallSummary: ...
 
+    def vouches_for(self, token: str, peer_id: str | None = None) -> bool:
+        """False only if ``token`` is surely no participant's (``peer_id``'s): refuse it without asking."""
+
 
 class Placement(Protocol):
     """Ownership and reachability of calls; every method may raise ``Unavailable``."""

@@ -35,6 +35,7 @@ from signal_srv.errors import (
 from signal_srv.headers import add_security_headers
 from signal_srv.limits import Limits, RateLimiter
 from signal_srv.metrics import Metrics
+from signal_srv.placement import CallRef
 from signal_srv.registry import Registry, new_ids
 
 __all__ = [
@@ -213,6 +214,21 @@ class ApiHandler(JsonHandler):
         claims.require(*grants, call_id=call_id)
         return claims
 
+    async def authorized(self, call_id: str, token: str) -> CallRef:
+        """The call, once ``token`` is one of its participants' peer tokens.
+
+        A wrong token is refused here, never queued for the call: ``401``, or ``429`` once
+        this client IP is over ``auth_failure_rate``. Raises ``CallNotFound`` too.
+        """
+        call = await self.registry.find(call_id)
+        if not call.vouches_for(token):
+            wait = self.limits.auth_failures.take(self.request.remote_ip or "", time.monotonic())
+            if wait:
+                self.metrics.rate_limited["auth"] += 1
+                raise RateLimited(f"too many wrong tokens from your address; retry in {wait:.1f} s", wait)
+            raise Unauthorized()
+        return call
+
 
 def _admin(claims: Claims | None) -> bool:
     """Whether the answer may show who is in a call: only to a token with the admin grant."""
@@ -306,7 +322,8 @@ class LeaveHandler(ApiHandler):
     async def post(self, call_id: str) -> None:
         self.json_body()
         token = self.bearer_token()
-        summary: CallSummary = await (await self.registry.find(call_id)).ask(Leave(token), self.config.ask_timeout)
+        call = await self.authorized(call_id, token)
+        summary: CallSummary = await call.ask(Leave(token), self.config.ask_timeout)
         self.reply(200, summary.to_dict())
 
 
@@ -321,10 +338,10 @@ class EndHandler(ApiHandler):
         token = self.bearer_token()
         if self.auth is not None and looks_like_jwt(token):
             await self.authorize("admin", call_id=call_id, token=token)
-            end = End(None)
+            call, end = await self.registry.find(call_id), End(None)
         else:
-            end = End(token)
-        summary: CallSummary = await (await self.registry.find(call_id)).ask(end, self.config.ask_timeout)
+            call, end = await self.authorized(call_id, token), End(token)
+        summary: CallSummary = await call.ask(end, self.config.ask_timeout)
         self.reply(200, summary.to_dict())
 
 
@@ -355,7 +372,8 @@ class ConfigHandler(ApiHandler):
         peer_id = None
         if call_id is not None:
             token = self.bearer_token()
-            peer_id = await (await self.registry.find(call_id)).ask(Identify(token), self.config.ask_timeout)
+            call = await self.authorized(call_id, token)
+            peer_id = await call.ask(Identify(token), self.config.ask_timeout)
         self.reply(200, {"ice_servers": self.ice_servers(peer_id)})
 
 

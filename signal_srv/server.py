@@ -18,6 +18,7 @@ from signal_srv.auth import Verifier
 from signal_srv.config import Config, ignored_environment, load_config
 from signal_srv.drain import DrainingHTTPServer
 from signal_srv.errors import ConfigError
+from signal_srv.listener import GuardedHTTPServer
 from signal_srv.logs import setup_logging
 from signal_srv.placement import new_node_id
 from signal_srv.registry import Registry
@@ -35,9 +36,18 @@ BODY_BACKSTOP = 1024
 GC_THRESHOLDS = (10_000, 20, 20)
 
 
-def make_server(app: Application, config: Config) -> DrainingHTTPServer:
-    """The HTTP server for ``app``, with the proxy and body-size settings of ``config``."""
-    return DrainingHTTPServer(app, xheaders=config.xheaders, max_body_size=config.max_body_size + BODY_BACKSTOP)
+def make_server(app: Application, config: Config) -> GuardedHTTPServer:
+    """The HTTP server for ``app``, with the proxy, body-size, timeout and per-client settings of ``config``.
+
+    Tornado times a request's headers and an idle keep-alive connection with one timer
+    (``idle_connection_timeout``). Behind a proxy (``xheaders``) every connection comes from
+    the proxy, so connections per client are left for the proxy to cap.
+    """
+    return GuardedHTTPServer(
+        app, xheaders=config.xheaders, max_body_size=config.max_body_size + BODY_BACKSTOP,
+        idle_connection_timeout=config.http_idle_timeout, body_timeout=config.http_body_timeout,
+        metrics=app.settings["metrics"], connections_per_ip=0 if config.xheaders else config.http_connections_per_ip,
+    )
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
@@ -49,7 +59,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     servers = [make_server(app, config)]
     servers[0].listen(config.port, config.address)
     if config.metrics_port:
-        servers.append(DrainingHTTPServer(make_metrics_app(registry, config)))
+        servers.append(make_server(make_metrics_app(registry, config), config))
         servers[1].listen(config.metrics_port, config.address)
     registry.start_sweeping(config.cleanup_interval)
     await registry.placement.start()
@@ -74,7 +84,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     logger.info("signal_srv stopped")
 
 
-async def _shut_down(servers: list[DrainingHTTPServer], registry: Registry, timeout: float) -> None:
+async def _shut_down(servers: Sequence[DrainingHTTPServer], registry: Registry, timeout: float) -> None:
     """Stop listening, then end the calls and drain the HTTP connections side by side.
 
     Requests that arrive meanwhile are answered: ``503 shutting_down`` where they need a call.

@@ -67,6 +67,14 @@ GENEROUS_LIMITS: dict[str, str] = {
     "rate_create": "0",
     "rate_join": "0",
     "ws_rate": "0",
+    "ws_bytes_rate": "0",
+    "ws_reconnect_rate": "0",
+    "ws_ip_rate": "0",
+    "ws_ip_bytes_rate": "0",
+    "ws_ip_connect_rate": "0",
+    "ws_sockets_per_ip": "0",
+    "auth_failure_rate": "0",
+    "http_connections_per_ip": "0",
 }
 
 # And, for runs with cuts: a participant that is away gets everything it missed only if the

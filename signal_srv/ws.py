@@ -3,18 +3,23 @@
 Authentication and unknown calls are reported after the upgrade with close codes (a
 browser cannot read a refused handshake's status): 4400 bad query, 4401 wrong peer or
 token, 4404 no such call, 4409 replaced by a newer socket of the same participant.
+
+Every frame a socket receives, control frames and fragments included, is charged to its
+participant's and its address's ``Budget`` before anything else is done with it
+(``GuardedProtocol``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from asyncio import Future
 from typing import Any, Awaitable
 from urllib.parse import urlparse
 
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 from signal_srv import messages
 from signal_srv.call import Connect, Disconnect, Receive
@@ -22,13 +27,13 @@ from signal_srv.config import Config
 from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unauthorized, Unavailable
 from signal_srv.headers import add_security_headers
 from signal_srv.hosts import host_allowed
-from signal_srv.limits import Limits, TokenBucket
+from signal_srv.limits import Budget, Limits
 from signal_srv.logs import redact
 from signal_srv.metrics import Metrics
 from signal_srv.placement import CallRef
 from signal_srv.registry import Registry
 
-__all__ = ["SignalingSocket"]
+__all__ = ["GuardedProtocol", "SignalingSocket"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,15 @@ CALL_NOT_FOUND = 4404
 
 # Frames refused by the rate limit, in a row, before the socket is closed with 1008.
 RATE_STRIKES = 10
+# Frames one message may arrive in (RFC 6455 section 5.4 fragments); more: close 1008.
+MAX_FRAGMENTS = 128
+# After the server's close frame: seconds the peer has to answer with its own before the
+# connection is dropped, and frames read meanwhile (none is processed) before it is dropped at once.
+CLOSE_GRACE = 1.0
+FRAMES_AFTER_CLOSE = 4
+
+_CLOSE_OPCODE = 0x8
+_CONTROL_BIT = 0x8  # RFC 6455 section 5.5: opcodes 0x8-0xF are control frames
 
 
 def _retrieve(future: Future[None]) -> None:
@@ -83,6 +97,74 @@ def _drop_unstarted_frames(stream: IOStream) -> int:
     return dropped
 
 
+class GuardedProtocol(WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, with every received frame charged to the socket's budget.
+
+    Tornado answers pings and gathers fragments inside its frame loop, out of the handler's
+    sight, so this subclass hooks two of its private methods (stable since Tornado 5, pinned
+    in .ci/constraints.txt, covered by tests/test_abuse.py):
+
+    - ``_receive_frame`` runs once per frame: a fragment that does not finish its message
+      is charged there, and counted against ``MAX_FRAGMENTS``;
+    - ``_handle_message`` gets every finished message and control frame before Tornado acts
+      on it: charged there, and dropped (a ping goes unanswered) when over budget.
+
+    Once the server has sent its close frame nothing more is processed: only the peer's
+    closing reply is awaited, for ``grace`` seconds (``CLOSE_GRACE`` unless the handler sets
+    another) and ``FRAMES_AFTER_CLOSE`` frames; then the connection is cut.
+    """
+
+    handler: SignalingSocket
+
+    def __init__(self, handler: SignalingSocket, mask_outgoing: bool, params: Any) -> None:
+        super().__init__(handler, mask_outgoing, params)
+        self._frame_start = 0
+        self._finished = False
+        self._fragments = 0
+        self._refused_fragment = False
+        self._frames_after_close = 0
+        self.grace = CLOSE_GRACE
+
+    async def _receive_frame(self) -> None:
+        if self.server_terminated:
+            self._frames_after_close += 1
+            if self._frames_after_close > FRAMES_AFTER_CLOSE:
+                self._abort()
+                return
+        self._frame_start, self._finished = self._wire_bytes_in, False
+        await super()._receive_frame()
+        if self._finished or self.client_terminated or self.server_terminated:
+            return
+        # A fragment that does not finish its message: Tornado only buffered it.
+        self._fragments += 1
+        if self._fragments > MAX_FRAGMENTS:
+            self.handler.close(POLICY_VIOLATION, f"a message may come in at most {MAX_FRAGMENTS} frames")
+        elif not self.handler.admit(self._wire_bytes_in - self._frame_start):
+            self._refused_fragment = True
+
+    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
+        self._finished = True
+        if self.server_terminated and opcode != _CLOSE_OPCODE:
+            return None
+        admitted = opcode == _CLOSE_OPCODE or self.handler.admit(self._wire_bytes_in - self._frame_start)
+        if not opcode & _CONTROL_BIT:  # a whole message: a refused fragment drops all of it
+            admitted = admitted and not self._refused_fragment
+            self._fragments, self._refused_fragment = 0, False
+        return super()._handle_message(opcode, data) if admitted else None
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Send the close frame (once), stop reading, and cut the connection after ``grace``.
+
+        Tornado's own close() waits a fixed 5 s for the peer's close frame (``_waiting``).
+        """
+        first = not self.server_terminated
+        super().close(code, reason)
+        if first and self._waiting is not None:
+            loop = self.stream.io_loop
+            loop.remove_timeout(self._waiting)
+            self._waiting = loop.call_later(self.grace, self._abort)
+
+
 class SignalingSocket(WebSocketHandler):
     """``GET /apiv2/ws?call_id=&peer_id=&token=``: one participant's signaling socket."""
 
@@ -96,7 +178,9 @@ class SignalingSocket(WebSocketHandler):
         self._actor: CallRef | None = None
         self._closed = False
         self._counted = False
-        self._rate: TokenBucket | None = None
+        self._ip: str | None = None
+        self._budget: Budget | None = None
+        self._ip_budget: Budget | None = None
         self._strikes = 0
 
     def set_default_headers(self) -> None:
@@ -105,6 +189,12 @@ class SignalingSocket(WebSocketHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Tornado's own line would print the request URL, and with it the peer token.
         logger.error("uncaught exception in socket %s", redact(self.request.uri or ""), exc_info=(typ, value, tb))
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        if isinstance(protocol, WebSocketProtocol13):
+            return GuardedProtocol(self, protocol.mask_outgoing, protocol.params)
+        return protocol
 
     def _stream(self) -> IOStream | None:
         """The upgraded connection's stream (None once closed)."""
@@ -120,46 +210,108 @@ class SignalingSocket(WebSocketHandler):
         logger.warning("refused a socket from origin %s", origin[:200])
         return False
 
+    def prepare(self) -> None:
+        """Refuse a handshake over its address's connect rate with ``429`` before upgrading it:
+        the cheapest answer to a connect flood (a browser sees a failed connect and backs off)."""
+        now = time.monotonic()
+        self._ip_budget = self.limits.budgets.of_ip(self.request.remote_ip or "", now)
+        wait = self._ip_budget.connect(now)
+        if wait:
+            self.metrics.rate_limited["ws_ip_connect"] += 1
+            self.set_status(429)
+            self.set_header("Retry-After", str(math.ceil(wait)))
+            self.finish()
+
     async def open(self, *args: Any, **kwargs: Any) -> None:
+        """Check the socket in, cheapest checks first; only a socket whose token is right
+        counts against ``max_sockets`` and reaches the call's inbox."""
         stream = self._stream()
         assert stream is not None
         stream.max_write_buffer_size = self.config.ws_write_buffer_limit
-        if self.metrics.sockets >= self.limits.max_sockets or self.registry.closing:
-            self.close(TRY_AGAIN_LATER, "server busy")
+        checked = await self._checked_request()
+        if checked is None:
             return
-        self.metrics.sockets += 1
-        self._counted = True
-        if self.config.ws_rate > 0:
-            now = time.monotonic()
-            self._rate = TokenBucket.full(self.config.ws_rate, self.config.ws_rate_burst, now)
-        call_id = self.get_query_argument("call_id", "")
-        peer_id = self.get_query_argument("peer_id", "")
-        token = self.get_query_argument("token", "")
-        last_seq = self.get_query_argument("last_seq", None)
-        if not (call_id and peer_id and token):
-            self.close(BAD_QUERY, "call_id, peer_id and token are required")
+        actor, call_id, peer_id, token, resume_from = checked
+        if not actor.vouches_for(token, peer_id):
+            self._refuse_unauthorized()
             return
-        resume_from = None if last_seq is None else -1 if last_seq == "-1" else messages.whole_number(last_seq)
-        if last_seq is not None and resume_from is None:
-            self.close(BAD_QUERY, "last_seq must be a whole number")
+        if not self._check_in(call_id, peer_id):
             return
         try:
-            call = await self.registry.find(call_id)
-            if self._closed:
-                return  # the client went away while the call was looked up
             # Set before the await, so a close that races the join still reaches the actor.
-            self._actor = call
-            await self._actor.ask(Connect(peer_id, token, self.conn, resume_from), self.config.ask_timeout, socket=self)
+            self._actor = actor
+            await actor.ask(Connect(peer_id, token, self.conn, resume_from), self.config.ask_timeout, socket=self)
         except CallNotFound:
             self._refuse(CALL_NOT_FOUND, "call_not_found")
         except Unauthorized:
-            self._refuse(UNAUTHORIZED, "unauthorized")
+            self._actor = None
+            self._refuse_unauthorized()
         except CallBusy:
             self._refuse(TRY_AGAIN_LATER, "call_busy")
         except Unavailable:
             self._refuse(TRY_AGAIN_LATER, "unavailable")
         else:
             logger.info("socket of %s joined call %s", peer_id, call_id)
+
+    async def _checked_request(self) -> tuple[CallRef, str, str, str, int | None] | None:
+        """The call, call_id, peer_id, token and resume point; or None, the socket closed."""
+        ip = self.request.remote_ip or ""
+        if not self.limits.sockets_per_ip.acquire(ip):
+            self.metrics.rate_limited["ws_ip"] += 1
+            self.close(TRY_AGAIN_LATER, "too many sockets from your address")
+            return None
+        self._ip = ip
+        if self.registry.closing:
+            self.close(TRY_AGAIN_LATER, "server busy")
+            return None
+        call_id = self.get_query_argument("call_id", "")
+        peer_id = self.get_query_argument("peer_id", "")
+        token = self.get_query_argument("token", "")
+        last_seq = self.get_query_argument("last_seq", None)
+        if not (call_id and peer_id and token):
+            self.close(BAD_QUERY, "call_id, peer_id and token are required")
+            return None
+        resume_from = None if last_seq is None else -1 if last_seq == "-1" else messages.whole_number(last_seq)
+        if last_seq is not None and resume_from is None:
+            self.close(BAD_QUERY, "last_seq must be a whole number")
+            return None
+        try:
+            call = await self.registry.find(call_id)
+        except CallNotFound:
+            self.close(CALL_NOT_FOUND, "call_not_found")
+            return None
+        except Unavailable:
+            self.close(TRY_AGAIN_LATER, "unavailable")
+            return None
+        if self._closed:
+            return None  # the client went away while the call was looked up
+        return call, call_id, peer_id, token, resume_from
+
+    def _check_in(self, call_id: str, peer_id: str) -> bool:
+        """Take a connect from the participant's budget and a place under ``max_sockets``."""
+        now = time.monotonic()
+        budget = self.limits.budgets.of(call_id, peer_id, now)
+        wait = budget.connect(now)
+        if wait:
+            self.metrics.rate_limited["ws_connect"] += 1
+            self.close(TRY_AGAIN_LATER, f"reconnecting too fast; retry in {wait:.1f} s")
+            return False
+        if self.metrics.sockets >= self.limits.max_sockets:
+            self.close(TRY_AGAIN_LATER, "server busy")
+            return False
+        self.metrics.sockets += 1
+        self._counted = True
+        self._budget = budget
+        return True
+
+    def _refuse_unauthorized(self) -> None:
+        """4401, or 1008 once this address is over its wrong-token limits."""
+        wait = self.limits.auth_failures.take(self._ip or "", time.monotonic())
+        if wait:
+            self.metrics.rate_limited["auth"] += 1
+            self.close(POLICY_VIOLATION, f"too many wrong tokens from your address; retry in {wait:.0f} s")
+        else:
+            self.close(UNAUTHORIZED, "unauthorized")
 
     def _refuse(self, code: int, reason: str) -> None:
         self._actor = None
@@ -207,8 +359,6 @@ class SignalingSocket(WebSocketHandler):
         if isinstance(message, bytes):
             self.close(UNSUPPORTED_DATA, "binary frames are not accepted")
             return None
-        if self._over_rate():
-            return None
         try:
             parsed = messages.parse(message, self.config.max_message_size)
         except SignalError as exc:
@@ -233,20 +383,27 @@ class SignalingSocket(WebSocketHandler):
         except Exception:
             self._internal_error()
 
-    def _over_rate(self) -> bool:
-        if self._rate is None:
-            return False
-        wait = self._rate.take(time.monotonic())
+    def admit(self, size: int) -> bool:
+        """Charge one received frame of ``size`` bytes to the participant's budget, then its address's.
+
+        False if it is over: the frame is dropped and answered with a ``rate_limited``
+        error, and after ``RATE_STRIKES`` such frames in a row the socket is closed with 1008.
+        """
+        budget, ip_budget = self._budget, self._ip_budget
+        if budget is None or ip_budget is None:
+            return True
+        now = time.monotonic()
+        wait = budget.charge(now, size) or ip_budget.charge(now, size)
         if not wait:
             self._strikes = 0
-            return False
+            return True
         self.metrics.rate_limited["ws"] += 1
         self._strikes += 1
         if self._strikes >= RATE_STRIKES:
             self.close(POLICY_VIOLATION, "rate limit exceeded")
         else:
-            self.reply_error("rate_limited", f"more than {self.config.ws_rate:g} frames per second; retry in {wait:.2f} s")
-        return True
+            self.reply_error("rate_limited", f"too many frames or bytes per second; retry in {wait:.2f} s")
+        return False
 
     def reply_error(self, code: str, message: str) -> None:
         """Answer a bad frame with an ``error`` frame; the socket stays open."""
@@ -258,6 +415,9 @@ class SignalingSocket(WebSocketHandler):
         if self._counted:
             self._counted = False
             self.metrics.sockets -= 1
+        if self._ip is not None:
+            self.limits.sockets_per_ip.release(self._ip)
+            self._ip = None
         self._detach()
 
     def _detach(self) -> None:
@@ -286,7 +446,8 @@ class SignalingSocket(WebSocketHandler):
         self.close_with_grace(TRY_AGAIN_LATER, "slow reader", drop_unsent=True)
 
     def close_with_grace(self, code: int, reason: str, *, drop_unsent: bool = False) -> None:
-        """Close with ``code``; cut the connection if the closing handshake is not done in ``ws_close_grace``.
+        """Close with ``code``; cut the connection if the closing handshake is not done in ``ws_close_grace``
+        (instead of the ``CLOSE_GRACE`` every other close gets).
 
         The participant counts as disconnected at once. With ``drop_unsent``, queued frames
         not yet started are dropped first, so that the close frame is next on the wire and the
@@ -299,10 +460,6 @@ class SignalingSocket(WebSocketHandler):
             logger.debug("dropped %d queued bytes before closing with %d", _drop_unstarted_frames(stream), code)
         stream.max_write_buffer_size = None  # the close frame must not be refused
         self._detach()
+        if isinstance(protocol, GuardedProtocol):
+            protocol.grace = self.config.ws_close_grace
         self.close(code, reason)
-        # Tornado's close() waits a fixed 5 s for the peer's close frame (``_waiting``) before
-        # it cuts the connection; ours waits ``ws_close_grace`` instead.
-        waiting = getattr(protocol, "_waiting", None)
-        if waiting is not None:
-            stream.io_loop.remove_timeout(waiting)
-            protocol._waiting = stream.io_loop.call_later(self.config.ws_close_grace, stream.close)  # type: ignore[attr-defined]

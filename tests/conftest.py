@@ -19,14 +19,21 @@ from signal_srv.config import Config
 from signal_srv.registry import Registry
 from signal_srv.server import make_server
 
+# The abuse limits a test's own bounded load could trip; tests about a limit turn it back on.
+LIMITS_OFF: dict[str, Any] = {
+    "rate_create": 0.0, "rate_join": 0.0, "ws_rate": 0.0, "ws_bytes_rate": 0.0, "ws_reconnect_rate": 0.0,
+    "ws_ip_rate": 0.0, "ws_ip_bytes_rate": 0.0, "ws_ip_connect_rate": 0.0, "ws_sockets_per_ip": 0,
+    "auth_failure_rate": 0.0, "http_connections_per_ip": 0,
+}
+
 # One timeout for every wait in the tests; scale it on slow machines.
 TIMEOUT = 5.0 * float(os.environ.get("SIGNAL_SRV_TEST_TIMEOUT_SCALE", "1"))
 
 
 @pytest.fixture
 def config(request: pytest.FixtureRequest) -> Config:
-    """Test defaults (short heartbeats), overridden with ``@pytest.mark.settings(...)``."""
-    options: dict[str, Any] = {"port": 0, "rate_create": 0.0, "rate_join": 0.0, "ws_rate": 0.0}
+    """Test defaults (abuse limits off), overridden with ``@pytest.mark.settings(...)``."""
+    options: dict[str, Any] = {"port": 0, **LIMITS_OFF}
     for marker in reversed(list(request.node.iter_markers("settings"))):
         options.update(marker.kwargs)
     return dataclasses.replace(Config(), **options)

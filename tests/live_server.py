@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import struct
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import pytest
 import websocket
 
-from tests.conftest import TIMEOUT
+from tests.conftest import LIMITS_OFF, TIMEOUT
 
 __all__ = ["Closed", "LiveServer", "SyncSocket", "http", "live_server_fixture"]
 
@@ -35,10 +36,8 @@ _LISTENING = re.compile(r"listening on http://[^:/]+:(\d+)/")
 # test about the limits themselves lives elsewhere (tests/test_limits.py).
 GENEROUS = {
     "max_calls": "100000",
-    "rate_create": "0",
-    "rate_join": "0",
-    "ws_rate": "0",
     "max_sockets": "100000",
+    **{name: str(value) for name, value in LIMITS_OFF.items()},
 }
 
 
@@ -54,10 +53,12 @@ def known_options() -> frozenset[str]:
 class LiveServer:
     """One server process; ``base_url``/``ws_url`` once started, ``stop()`` to end it.
 
-    ``env`` adds variables to the process's environment (which is the test's otherwise).
+    ``env`` adds variables to the process's environment (which is the test's otherwise);
+    ``nofile`` sets its open-file limit (RLIMIT_NOFILE), e.g. to provoke EMFILE.
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None, **options: Any) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, nofile: int | None = None, **options: Any) -> None:
+        self.nofile = nofile
         known = known_options()
         merged = {**GENEROUS, **{k: str(v) for k, v in options.items()}}
         unknown = sorted(k for k in options if k not in known)
@@ -82,9 +83,11 @@ class LiveServer:
         return f"ws://127.0.0.1:{self.port}"
 
     def start(self) -> LiveServer:
+        nofile = self.nofile
         self.process = subprocess.Popen(
             self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.env,
             text=True, encoding="utf-8", errors="replace",
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
         self._drain = threading.Thread(target=self._read_log, name="live-server-log", daemon=True)
         self._drain.start()

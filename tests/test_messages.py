@@ -7,7 +7,7 @@ import json
 import pytest
 
 from signal_srv.errors import BadMessage, UnknownType
-from signal_srv.messages import RELAY_TYPES, Ping, Relay, loads, parse, to_json
+from signal_srv.messages import RELAY_TYPES, Ping, Relay, loads, parse, relayed, to_json, with_seq
 
 SIZE = 65536
 
@@ -16,9 +16,20 @@ SIZE = 65536
 def test_every_relay_type_round_trips_its_payload_untouched(kind: str) -> None:
     payload = {"type": "offer", "sdp": "v=0\r\n", "candidate": "candidate:1 1 udp 1 10.0.0.1 9 typ host",
                "sdpMid": "0", "sdpMLineIndex": 0, "usernameFragment": None, "emoji": "\U0001F600"}
-    message = parse(json.dumps({"type": kind, "payload": payload}), SIZE)
-    assert message == Relay(kind, to_json(payload))
-    assert json.loads(message.payload_json) == payload
+    payload_json = json.dumps(payload, ensure_ascii=False, indent=1)
+    message = parse(f'{{ "type" : "{kind}", "payload" :{payload_json}\n}}', SIZE)
+    assert message == Relay(kind, payload_json)
+
+
+def test_a_relayed_frame_carries_the_payload_as_written() -> None:
+    relay = parse('{"payload": {"b": 2.50, "a": [1e2, "\\u00e9"]}, "type": "message", "extra": 1}', SIZE)
+    frame = relayed(relay, "C", "P")
+    assert frame == '{"type":"message","call_id":"C","from":"P","payload":{"b": 2.50, "a": [1e2, "\\u00e9"]}}'
+    assert json.loads(with_seq(frame, 7))["seq"] == 7
+
+
+def test_the_last_of_duplicate_members_counts_as_in_json() -> None:
+    assert parse('{"type": "offer", "payload": 1, "payload": [2]}', SIZE) == Relay("offer", "[2]")
 
 
 def test_ping_parses() -> None:
@@ -34,6 +45,11 @@ def test_ping_parses() -> None:
     ('{"type": "hello", "payload": 1}', UnknownType, "unknown type 'hello'"),
     ('{"type": "offer", "payload": Infinity}', BadMessage, "Infinity is not valid JSON"),
     ('{"type": "offer", "payload": {"\\udfff": 1}}', BadMessage, "lone surrogate"),
+    ('{"type": "offer", "payload": 1} x', BadMessage, "invalid JSON"),
+    ('{"type": "offer", "payload": [1,]}', BadMessage, "invalid JSON"),
+    ('{"type": "offer" "payload": 1}', BadMessage, "invalid JSON"),
+    ('{"type": "offer", "\\ud800": 1}', BadMessage, "lone surrogate"),
+    ('[{"type": "offer"}]', BadMessage, "must be a JSON object"),
 ])
 def test_malformed_frames_raise_errors_that_name_the_problem(text: str, error: type, message: str) -> None:
     with pytest.raises(error) as info:

@@ -185,6 +185,12 @@ class Ctx:
         assert response.code == 200, response.body
         return dict(json.loads(response.body))
 
+    async def wrong_twice(self, path: str, method: str, token: str) -> HTTPResponse:
+        """A wrong token twice: the first is 401, the second is over a one-token auth_failure burst."""
+        first = await self.fetch(method, path, headers=bearer(token))
+        assert first.code == 401, first.code
+        return await self.fetch(method, path, headers=bearer(token))
+
     async def until_busy(self, make: Callable[[], Awaitable[HTTPResponse]]) -> HTTPResponse:
         """Concurrent requests against a one-envelope inbox until one is refused with 503."""
         self.log_guard.expect("signal_srv.actor", "inbox full")
@@ -404,11 +410,16 @@ for _action in ("leave", "end"):
         return await c.fetch("POST", f"/apiv2/calls/{host['call_id']}/{action}", body=b"a=1",
                              headers={"Content-Type": "application/x-www-form-urlencoded", **bearer(host["peer_token"])})
 
+    @scenario(_path, "post", 429, auth_failure_rate=0.001, auth_failure_burst=1)
+    async def act_wrong_tokens(c: Ctx, action: str = _action) -> HTTPResponse:
+        host, other = await c.create(), await c.create()
+        return await c.wrong_twice(f"/apiv2/calls/{host['call_id']}/{action}", "POST", other["peer_token"])
+
     @scenario(_path, "post", 503, mailbox_size=1)
     async def act_busy(c: Ctx, action: str = _action) -> HTTPResponse:
-        host, other = await c.create(), await c.create()
+        host = await c.create()
         return await c.until_busy(lambda: c.fetch(
-            "POST", f"/apiv2/calls/{host['call_id']}/{action}", headers=bearer(other["peer_token"])))
+            "POST", f"/apiv2/calls/{host['call_id']}/{action}", headers=bearer(host["peer_token"])))
 
 
 # Access control (auth=jwt): 401 without a good token, 403 without the grant
@@ -552,11 +563,17 @@ async def client_config_too_large(c: Ctx) -> HTTPResponse:
     return await c.fetch("GET", "/apiv2/config", body=BIG)
 
 
+@scenario("/apiv2/config", "get", 429, auth_failure_rate=0.001, auth_failure_burst=1)
+async def client_config_wrong_tokens(c: Ctx) -> HTTPResponse:
+    host, other = await c.create(), await c.create()
+    return await c.wrong_twice(f"/apiv2/config?call_id={host['call_id']}", "GET", other["peer_token"])
+
+
 @scenario("/apiv2/config", "get", 503, mailbox_size=1)
 async def client_config_busy(c: Ctx) -> HTTPResponse:
-    host, other = await c.create(), await c.create()
+    host = await c.create()
     return await c.until_busy(lambda: c.fetch(
-        "GET", f"/apiv2/config?call_id={host['call_id']}", headers=bearer(other["peer_token"])))
+        "GET", f"/apiv2/config?call_id={host['call_id']}", headers=bearer(host["peer_token"])))
 
 
 # GET /apiv2/openapi.json

@@ -4,7 +4,8 @@ pauses instead of spinning when the process runs out of file descriptors.
 Tornado's accept handler lets ``EMFILE`` escape: the listening socket stays readable, so the
 loop calls it again at once, logging a traceback each time, and starves every connection
 already open. Here accepting pauses for ``ACCEPT_PAUSE`` seconds instead (one warning per
-burst, ``signal_srv_accept_paused_total`` per pause) and resumes as soon as a retry succeeds.
+burst, at most one per ``BURST_GAP``; ``signal_srv_accept_paused_total`` counts every pause)
+and resumes as soon as a retry succeeds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ __all__ = ["ACCEPT_PAUSE", "GuardedHTTPServer"]
 logger = logging.getLogger(__name__)
 
 ACCEPT_PAUSE = 0.1
+# At most one warning per this many seconds, however often accepting pauses and resumes.
+BURST_GAP = 60.0
 ACCEPTS_PER_WAKEUP = 128  # Tornado's own batch (netutil._DEFAULT_BACKLOG)
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -80,6 +83,7 @@ class _Acceptor:
         self.timer: object | None = None
         self.paused_since: float | None = None
         self.pauses = 0
+        self.warned_at = -BURST_GAP
         self.loop.add_handler(sock, self._accept, IOLoop.READ)
 
     def _accept(self, fd: Any, events: int) -> None:
@@ -108,8 +112,11 @@ class _Acceptor:
         self.timer = self.loop.call_later(ACCEPT_PAUSE, self._resume)
         self.pauses += 1
         self.metrics.accept_paused += 1
+        now = time.monotonic()
         if self.paused_since is None:
-            self.paused_since = time.monotonic()
+            self.paused_since = now
+        if now - self.warned_at >= BURST_GAP:
+            self.warned_at = now
             logger.warning("cannot accept connections (%s); pausing accepts until descriptors free up", exc.strerror)
 
     def _resume(self) -> None:

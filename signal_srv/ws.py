@@ -101,8 +101,8 @@ class GuardedProtocol(WebSocketProtocol13):
     """Tornado's RFC 6455 protocol, with every received frame charged to the socket's budget.
 
     Tornado answers pings and gathers fragments inside its frame loop, out of the handler's
-    sight, so this subclass hooks two of its private methods (stable since Tornado 5, pinned
-    in .ci/constraints.txt, covered by tests/test_abuse.py):
+    sight, so this subclass hooks two of its private methods (as in Tornado 6.6, the version
+    pinned in .ci/constraints.txt; a Tornado that changes them fails tests/test_abuse.py):
 
     - ``_receive_frame`` runs once per frame: a fragment that does not finish its message
       is charged there, and counted against ``MAX_FRAGMENTS``;

@@ -32,9 +32,7 @@ from tornado.routing import PathMatches, RuleRouter
 from tornado.web import Application, RequestHandler, StaticFileHandler
 from tornado.websocket import WebSocketHandler
 
-from signal_srv.app import make_app
-from signal_srv.config import Config
-from signal_srv.openapi import OPENAPI_PATH, OpenApiHandler, load_document
+from signal_srv.openapi import OPENAPI_PATH, load_document
 from signal_srv.registry import Registry
 from signal_srv.tokens import mint
 from tests.conftest import TIMEOUT
@@ -57,15 +55,6 @@ UNKNOWN_CALL = "AAAAAAAAAAAAAAAAAAAAAA"
 def access(*grants: str, **claims: Any) -> dict[str, str]:
     """``Authorization`` with an access token for ``alice`` holding ``grants``."""
     return bearer(mint(SECRET, "alice", grants=grants, **claims))
-
-
-@pytest.fixture
-def app(config: Config, registry: Registry) -> Application:
-    """The real app, plus the OpenAPI route if app.py does not route it yet."""
-    application = make_app(config, registry)
-    if "/apiv2/openapi.json" not in app_routes(application):
-        application.add_handlers(r".*", [(r"/apiv2/openapi.json", OpenApiHandler)])
-    return application
 
 
 # Routes of the app -------------------------------------------------------------------

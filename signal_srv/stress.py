@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from tornado.httpclient import AsyncHTTPClient
 
@@ -182,7 +182,8 @@ class Side:
         self.sent = 0  # relayed messages this side sent
         self.seen: set[int] = set()  # numbers received from the other side
         self.max_seen = -1
-        self.last_seq: int | None = None
+        self.last_seq: int | None = None  # the highest server seq recorded
+        self.seq_holes: set[int] = set()  # seqs skipped by a jump, not (yet) arrived
         self.resume_from: int | None = None  # last_seq of the latest resume
         self.resume_failed = False
         self.replaying = False  # on a resumed socket, until the state that announces it
@@ -279,14 +280,16 @@ class Side:
             # Another call's frame: its seq belongs to another stream, so it is not checked here.
             result.misrouted += 1
             result.fail(f"{self.call_id[:8]} {self.role}: got a {kind} frame of call {str(frame.get('call_id'))[:8]}")
-        elif not self._check_seq(frame):
             return
-        elif kind == "pong":
+        order = self._check_seq(frame)
+        if order == "repeated":
+            return
+        if kind == "pong":
             self._pong.set()
         elif kind == "error":
             self._check_error(frame)
         elif kind in RELAY_TYPES:
-            self._check_relayed(frame)
+            self._check_relayed(frame, late=order == "late")
         elif kind == "state":  # joined, connected, disconnected (a cut): none is unexpected
             self._check_peer(frame)
             if frame.get("event") == "connected" and frame.get("subject") == self.peer_id:
@@ -308,26 +311,33 @@ class Side:
             self.run.result.misrouted += 1
             self.run.result.fail(f"{self.call_id[:8]} {self.role}: a state frame names {got}, want {want}")
 
-    def _check_seq(self, frame: dict[str, Any]) -> bool:
-        """Count a gap in the server's ``seq``; False for a seq already seen (a duplicate frame).
+    def _check_seq(self, frame: dict[str, Any]) -> Literal["next", "late", "repeated"]:
+        """Check the server's ``seq``: "next", "late" (reordered: it fills an earlier jump) or "repeated".
 
         A resume replays only frames after the last one recorded, with their original seq, so
-        the stream stays gapless across a cut and a repeated seq is always a fault.
+        the stream stays gapless across a cut and a repeated seq is always a fault (counted as
+        duplicated; the frame is not looked at further). A jump leaves holes; a frame that
+        fills one later is counted as reordered, and holes never filled are counted as seq
+        gaps when the call is settled.
         """
         seq = frame.get("seq")
         if not isinstance(seq, int):
-            return True
+            return "next"
         result, last = self.run.result, self.last_seq
         if last is not None and seq <= last:
-            result.duplicated += 1
-            result.fail(f"{self.call_id[:8]} {self.role}: server seq {seq} again (after {last})")
-            return False
+            if seq not in self.seq_holes:
+                result.duplicated += 1
+                result.fail(f"{self.call_id[:8]} {self.role}: server seq {seq} again (after {last})")
+                return "repeated"
+            self.seq_holes.discard(seq)
+            result.reordered += 1
+            result.fail(f"{self.call_id[:8]} {self.role}: server seq {seq} arrived after {last}")
+            return "late"
         # resume_failed carries the next seq: what it skips is counted as lost, not as a gap.
-        if last is not None and seq != last + 1 and not _is_resume_failed(frame):
-            result.seq_gaps += 1
-            result.fail(f"{self.call_id[:8]} {self.role}: server seq {last} -> {seq}")
+        if last is not None and not _is_resume_failed(frame):
+            self.seq_holes.update(range(last + 1, seq))
         self.last_seq = seq
-        return True
+        return "next"
 
     def _check_error(self, frame: dict[str, Any]) -> None:
         result = self.run.result
@@ -344,7 +354,8 @@ class Side:
             hint = " (raise the server's ws_buffer_limit and ws_buffer_bytes for cut runs)"
         result.fail(f"{self.call_id[:8]} {self.role}: unexpected frame {json.dumps(frame)[:200]}{hint}")
 
-    def _check_relayed(self, frame: dict[str, Any]) -> None:
+    def _check_relayed(self, frame: dict[str, Any], late: bool) -> None:
+        """Check a relayed message's tag; ``late``: its seq was already counted as reordered."""
         result = self.run.result
         payload = frame.get("payload")
         tag = payload.get("stress") if isinstance(payload, dict) else None
@@ -361,7 +372,7 @@ class Side:
             result.duplicated += 1
             result.fail(f"{self.call_id[:8]} {self.role}: message {n} arrived twice")
             return
-        if n < self.max_seen:
+        if n < self.max_seen and not late:
             result.reordered += 1
             result.fail(f"{self.call_id[:8]} {self.role}: message {n} arrived after {self.max_seen}")
         self.seen.add(n)
@@ -566,6 +577,10 @@ class _Run:
                 ok = False
                 self.result.lost += missing
                 self.result.fail(f"{side.call_id[:8]} {side.role}: {missing} message(s) never arrived")
+            if side.seq_holes:
+                ok = False
+                self.result.seq_gaps += len(side.seq_holes)
+                self.result.fail(f"{side.call_id[:8]} {side.role}: server seq {sorted(side.seq_holes)[:5]} never arrived")
             if not side.expect_close:
                 continue
             if side.ended_reason != "ended" or side.close_code != 1000:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from typing import Any
@@ -11,29 +12,58 @@ import pytest
 from tornado.web import Application
 
 from signal_srv.errors import CallNotFound
+from signal_srv.messages import to_json
 from signal_srv.stress import StressOptions, format_table, percentiles, run_stress
 from signal_srv.ws import SignalingSocket
 from tests.conftest import TIMEOUT
 
 
 class Faults:
-    """Which relayed candidate frames (counted server-wide, from 1) to drop and to misroute."""
+    """What the faulty relay does wrong.
 
-    def __init__(self, drop_at: int, misroute_at: int) -> None:
+    ``drop_at`` and ``misroute_at`` count relayed candidate frames server-wide, from 1 (0: off).
+    Each of ``per_socket`` happens once, on the next socket that gets its first candidate
+    ("duplicate", "swap_payloads", "swap_frames"), or on the next state frame ("repeat").
+    """
+
+    def __init__(self, drop_at: int = 0, misroute_at: int = 0, per_socket: tuple[str, ...] = ()) -> None:
         self.drop_at = drop_at
         self.misroute_at = misroute_at
         self.candidates = 0
         self.dropped = 0
         self.misrouted = 0
+        self.pending = list(per_socket)
+        self.done: list[str] = []
         self.sockets: list[FaultySocket] = []
+
+    def take(self, *kinds: str) -> str | None:
+        """The first pending fault of ``kinds``, now counted as done; None if none is left."""
+        for kind in self.pending:
+            if kind in kinds:
+                self.pending.remove(kind)
+                self.done.append(kind)
+                return kind
+        return None
 
 
 class FaultySocket(SignalingSocket):
-    """The real socket edge, except that one relayed candidate is dropped and one goes to another call."""
+    """The real socket edge, except for the faults it is given (see ``Faults``).
+
+    - duplicate: a candidate is relayed twice, the copy with the next seq (later seqs shift
+      by one), as if the server had relayed the message twice;
+    - repeat: a state frame goes out twice with the same seq;
+    - swap_payloads: two candidates swap places but keep their seqs in order, as if the server
+      had relayed them in the wrong order;
+    - swap_frames: two candidate frames swap places on the wire, seqs and all.
+    """
 
     def initialize(self, faults: Faults, **deps: Any) -> None:  # type: ignore[override]
         super().initialize(**deps)
         self.faults = faults
+        self.fault: str | None = None
+        self.candidates_here = 0
+        self.seq_shift = 0
+        self.held = ""
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
         self.faults.sockets.append(self)
@@ -44,18 +74,50 @@ class FaultySocket(SignalingSocket):
         super().on_close()
 
     def send(self, text: str) -> None:
-        faults = self.faults
-        if text.startswith('{"type":"candidate"'):
-            faults.candidates += 1
-            if faults.candidates == faults.drop_at:
-                faults.dropped += 1
-                return
-            other = self._socket_of_another_live_call()
-            if faults.candidates >= faults.misroute_at and not faults.misrouted and other is not None:
-                faults.misrouted += 1
-                other.write_message(text)
-                return
+        if self.seq_shift:
+            text = with_seq(text, json.loads(text)["seq"] + self.seq_shift)
+        if text.startswith('{"type":"candidate"') and (self._drop_or_misroute(text) or self._swap_or_duplicate(text)):
+            return
+        if text.startswith('{"type":"state"') and self.faults.take("repeat"):
+            super().send(text)
         super().send(text)
+
+    def _drop_or_misroute(self, text: str) -> bool:
+        faults = self.faults
+        faults.candidates += 1
+        if faults.candidates == faults.drop_at:
+            faults.dropped += 1
+            return True
+        other = self._socket_of_another_live_call()
+        if faults.misroute_at and faults.candidates >= faults.misroute_at and not faults.misrouted and other is not None:
+            faults.misrouted += 1
+            other.write_message(text)
+            return True
+        return False
+
+    def _swap_or_duplicate(self, text: str) -> bool:
+        self.candidates_here += 1
+        if self.candidates_here == 1:
+            self.fault = self.faults.take("duplicate", "swap_payloads", "swap_frames")
+            if self.fault == "duplicate":
+                super().send(text)
+                self.seq_shift += 1
+                super().send(with_seq(text, json.loads(text)["seq"] + 1))
+                return True
+            if self.fault in ("swap_payloads", "swap_frames"):
+                self.held = text
+                return True
+        elif self.candidates_here == 2 and self.fault == "swap_frames":
+            super().send(text)
+            super().send(self.held)
+            return True
+        elif self.candidates_here == 2 and self.fault == "swap_payloads":
+            first, second = json.loads(self.held), json.loads(text)
+            first["payload"], second["payload"] = second["payload"], first["payload"]
+            super().send(to_json(first))
+            super().send(to_json(second))
+            return True
+        return False
 
     def _socket_of_another_live_call(self) -> FaultySocket | None:
         mine = self.get_query_argument("call_id")
@@ -69,6 +131,10 @@ class FaultySocket(SignalingSocket):
                 continue
             return socket
         return None
+
+
+def with_seq(text: str, seq: int) -> str:
+    return to_json({**json.loads(text), "seq": seq})
 
 
 def install_faults(app: Application, faults: Faults) -> None:
@@ -108,10 +174,32 @@ async def test_a_dropped_and_a_misrouted_message_are_counted_and_fail_the_run(ap
     # The dropped one and the misrouted one both never reached their rightful receiver.
     assert (result.lost, result.misrouted) == (2, 1)
     assert (result.duplicated, result.reordered) == (0, 0)
+    assert result.seq_gaps == 2, result.failures  # each leaves a hole in its receiver's seqs
     assert result.delivered == result.sent - 2
     assert 2 <= result.calls_failed <= 3 and result.calls_ok + result.calls_failed == 20
     assert any("got a candidate frame of call" in text for text in result.failures)
     assert any("never arrived" in text for text in result.failures)
+
+
+async def test_duplicated_repeated_and_reordered_frames_are_each_counted_once(app: Application, base_url: str) -> None:
+    faults = Faults(per_socket=("duplicate", "repeat", "swap_payloads", "swap_frames"))
+    install_faults(app, faults)
+    result = await run_stress(base_url, small())
+    assert sorted(faults.done) == ["duplicate", "repeat", "swap_frames", "swap_payloads"]
+    assert not result.ok
+    # duplicate (a fresh seq) + repeat (the same seq); swap_payloads (seqs in order) + swap_frames (seq late)
+    assert (result.duplicated, result.reordered) == (2, 2)
+    assert (result.lost, result.misrouted, result.seq_gaps, result.unexpected_errors) == (0, 0, 0, 0)
+    assert result.delivered == result.sent and result.calls_ok == 20
+    kinds = {
+        "duplicate": r"message \d+ arrived twice",
+        "repeat": r"server seq \d+ again",
+        "swap_payloads": r"message \d+ arrived after",
+        "swap_frames": r"server seq \d+ arrived after",
+    }
+    for kind, pattern in kinds.items():
+        assert len([f for f in result.failures if re.search(pattern, f)]) == 1, (kind, result.failures)
+    assert len(result.failures) == 4, result.failures
 
 
 async def test_calls_ended_mid_run_are_verified_closed_and_the_others_go_on(base_url: str) -> None:

@@ -358,21 +358,42 @@ class Pair:
 
 
 class Load:
-    """Pairs of sockets against one target, with what they relay going to ``on_relay``."""
+    """Pairs of sockets against one target; what the other side of a pair sent goes to ``on_relay``.
+
+    Only a frame that carries the payload a pair's other side sends (see ``relay``) counts
+    as relayed: an echo, an error frame or a pong must not inflate a figure; those are
+    counted in ``stray``.
+    """
 
     def __init__(self, target: Target, b_port: int | None = None) -> None:
         self.target = target
         self.ports = (target.port, b_port or target.port)  # where each pair's two sockets connect
         self.pairs: list[Pair] = []
-        self.on_relay: Callable[[Ws, bytes], None] = lambda ws, data: None
         self.errors = 0
+        self.stray = 0
+        self.on_relay: Callable[[Ws, bytes], None] = lambda ws, data: None
+        self._to_a = self._to_b = b""
+
+    def relay(self, on_relay: Callable[[Ws, bytes], None], a_sends: bytes, b_sends: bytes) -> None:
+        """Hand ``on_relay`` the frames that carry ``a_sends``' payload to b and ``b_sends``' to a."""
+        self.on_relay, self._to_b, self._to_a = on_relay, carried(a_sends), carried(b_sends)
+
+    def idle(self) -> None:
+        """Count nothing as relayed (between phases, or while only heartbeats flow)."""
+        self.on_relay = lambda ws, data: None
+        self._to_a = self._to_b = b""
 
     def _on_text(self, ws: Ws, data: bytes) -> None:
         if data.startswith(b'{"type":"state"'):
             if b'"connected":2' in data and not ws.ready.done():
                 ws.ready.set_result(None)
             return
-        self.on_relay(ws, data)
+        pair: Pair | None = ws.pair
+        expected = self._to_b if pair is not None and ws is pair.b else self._to_a
+        if pair is not None and expected and expected in data:
+            self.on_relay(ws, data)
+        else:
+            self.stray += 1
 
     async def create(self, count: int, concurrency: int = 50) -> list[tuple[str, str]]:
         paths: list[tuple[str, str]] = []
@@ -426,13 +447,25 @@ class Load:
 
 # Scenarios -------------------------------------------------------------------------------------
 
-CANDIDATE = json.dumps({"type": "candidate", "payload": {
-    "candidate": "candidate:842163049 1 udp 1677729535 127.0.0.1 54400 typ srflx raddr 0.0.0.0 rport 0 generation 0 "
-                 "ufrag abcd network-id 1 network-cost 10", "sdpMid": "0", "sdpMLineIndex": 0}},
-    separators=(",", ":")).encode()
+
+
+def candidate(sdp_mid: str) -> bytes:
+    return json.dumps({"type": "candidate", "payload": {
+        "candidate": "candidate:842163049 1 udp 1677729535 127.0.0.1 54400 typ srflx raddr 0.0.0.0 rport 0 "
+                     "generation 0 ufrag abcd network-id 1 network-cost 10", "sdpMid": sdp_mid, "sdpMLineIndex": 0}},
+        separators=(",", ":")).encode()
+
+
+# Each side of a pair sends its own candidate, so an echo is told apart from a relay.
+CANDIDATE_A, CANDIDATE_B = candidate("0"), candidate("1")
 OFFER = json.dumps({"type": "offer", "payload": {"type": "offer", "sdp": "v=0\r\n" + "a=x-bench:" + "y" * 1990}},
                    separators=(",", ":")).encode()
 ANSWER = OFFER.replace(b'"offer"', b'"answer"')
+
+
+def carried(message: bytes) -> bytes:
+    """The bytes of ``message``'s payload as both servers relay it (signal_srv re-encodes it compactly)."""
+    return b'"payload":' + json.dumps(json.loads(message)["payload"], separators=(",", ":")).encode()
 
 
 async def post_rate(target: Target, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -470,19 +503,19 @@ async def closed_loop(load: Load, seconds: float) -> dict[str, Any]:
         nonlocal count
         count += 1
         if running:
-            ws.send(CANDIDATE)
+            ws.send(CANDIDATE_A if ws is ws.pair.a else CANDIDATE_B)
 
-    load.on_relay = on_relay
+    load.relay(on_relay, CANDIDATE_A, CANDIDATE_B)
     for p in load.pairs:
-        p.a.send(CANDIDATE)
+        p.a.send(CANDIDATE_A)
     await asyncio.sleep(1.0)  # warm-up at full load: a measured stretch of time, not a wait for an event
-    start_count, window = count, Window(load.target.server.process.pid)
+    start_count, start_stray, window = count, load.stray, Window(load.target.server.process.pid)
     await asyncio.sleep(seconds)  # the measured stretch
-    measured, usage = count - start_count, window.close()
+    measured, stray, usage = count - start_count, load.stray - start_stray, window.close()
     running = False
     await asyncio.sleep(0.5)  # let in-flight messages drain before the next phase
-    load.on_relay = lambda ws, data: None
-    return {"msgs_per_s": round(measured / usage["seconds"]), **usage}
+    load.idle()
+    return {"msgs_per_s": round(measured / usage["seconds"]), "stray_frames": stray, **usage}
 
 
 async def paced(
@@ -514,19 +547,19 @@ async def paced(
         elif measuring:
             trips.append(elapsed)
 
-    load.on_relay = on_relay
+    load.relay(on_relay, OFFER, ANSWER)
     for p in load.pairs[:active]:
         loop.call_later(rng.uniform(0, high - low), fire, p)
     await asyncio.sleep(high)  # ramp-up: every pair has started its cycle
-    measuring, window = True, Window(load.target.server.process.pid)
+    measuring, start_stray, window = True, load.stray, Window(load.target.server.process.pid)
     await asyncio.sleep(seconds)  # the measured stretch
-    measuring, usage = False, window.close()
+    measuring, stray, usage = False, load.stray - start_stray, window.close()
     running = False
     await asyncio.sleep(0.3)  # in-flight exchanges drain
-    load.on_relay = lambda ws, data: None
+    load.idle()
     from signal_srv.stress import percentiles
 
-    return {"hop_ms": percentiles(hops), "round_trip_ms": percentiles(trips), **usage}
+    return {"hop_ms": percentiles(hops), "round_trip_ms": percentiles(trips), "stray_frames": stray, **usage}
 
 
 async def create_latency(target: Target, count: int) -> dict[str, Any]:
@@ -669,7 +702,7 @@ def scale_steps(plan: Plan) -> tuple[list[int], int | None]:
 
 async def idle_cpu(load: Load, seconds: float) -> dict[str, Any]:
     """T6: the server's CPU with every pair idle (only heartbeats) over ``seconds`` (>= one heartbeat interval)."""
-    load.on_relay = lambda ws, data: None
+    load.idle()
     await asyncio.sleep(2.0)  # settle after the last paced window: a stretch of time, not a wait for an event
     window = Window(load.target.server.process.pid)
     await asyncio.sleep(seconds)  # the measured stretch

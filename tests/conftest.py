@@ -9,6 +9,7 @@ import re
 from typing import Any, Iterator
 
 import pytest
+from hypothesis import settings
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.web import Application
@@ -28,6 +29,15 @@ LIMITS_OFF: dict[str, Any] = {
 
 # One timeout for every wait in the tests; scale it on slow machines.
 TIMEOUT = 5.0 * float(os.environ.get("SIGNAL_SRV_TEST_TIMEOUT_SCALE", "1"))
+
+# Hypothesis: under CI=true the same examples on every run (derandomized, no example
+# database), so what the suite catches it catches every time, and a failure prints the blob
+# that replays it; elsewhere fresh random examples, which may find something new. Tests that
+# set no max_examples (test_model.py) take it from here: enough in CI to catch every seeded
+# bug of the call rules the model can see, fewer on a developer's machine.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True, max_examples=50)
+settings.register_profile("dev", database=None, max_examples=25)
+settings.load_profile("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
 
 
 @pytest.fixture

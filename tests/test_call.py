@@ -227,6 +227,16 @@ def test_held_messages_are_bounded_in_bytes_per_participant_and_per_budget() -> 
     assert budget.used == 0  # and so does a leave (or the end of the call)
 
 
+def test_held_messages_are_delivered_once() -> None:
+    call = make_call(2)
+    call.handle(Connect("p0", "t0", 10), 1.0)
+    call.handle(Receive(10, relay("candidate", 0)), 2.0)
+    assert [m.get("payload") for m in sends(call.handle(Connect("p1", "t1", 11), 3.0), 11)] == [None, 0]
+    call.handle(Disconnect(11), 4.0)
+    assert [m["type"] for m in sends(call.handle(Connect("p1", "t1", 12), 5.0), 12)] == ["state"]
+    assert [m["type"] for m in sends(call.handle(Connect("p1", "t1", 13), 6.0), 13)] == ["state"]  # a replacement
+
+
 def test_ping_is_answered_with_pong_to_the_sender_only() -> None:
     call = make_call(1)
     call.handle(Connect("p0", "t0", 10), 1.0)

@@ -20,10 +20,12 @@ setup(
             "hypothesis>=6.100",
             "schemathesis>=4.0",
             "jsonschema>=4.18",
+            "referencing>=0.28",  # tests/test_openapi.py resolves the document's $refs with it
             "openapi-spec-validator>=0.7",
             "websocket-client>=1.7",
             "playwright>=1.45",
             "aiortc>=1.9",
+            "aioice>=0.9",  # tests/e2e/test_aiortc.py keeps ICE on 127.0.0.1 through aioice.ice
         ],
     },
     entry_points={

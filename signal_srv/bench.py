@@ -547,7 +547,7 @@ async def paced(
         elif measuring:
             trips.append(elapsed)
 
-    load.relay(on_relay, OFFER, ANSWER)
+    load.relay(on_relay, offer, answer)
     for p in load.pairs[:active]:
         loop.call_later(rng.uniform(0, high - low), fire, p)
     await asyncio.sleep(high)  # ramp-up: every pair has started its cycle

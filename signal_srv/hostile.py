@@ -34,7 +34,7 @@ from collections import Counter
 from typing import Any, Sequence
 from urllib.parse import urlencode
 
-from signal_srv.bench import CANDIDATE, SERVER_CPU, CLIENT_CPU, Http, Load, Target, Ws, http_connect, paced, ws_connect
+from signal_srv.bench import CANDIDATE_A, CANDIDATE_B, SERVER_CPU, CLIENT_CPU, Http, Load, Target, Ws, http_connect, paced, ws_connect
 from signal_srv.config import Config
 from signal_srv.stress import Spawned, free_port, spawn
 
@@ -237,7 +237,7 @@ async def hostile_figure(server_dir: str | None, seconds: float) -> dict[str, An
         paths = await load.create(VICTIM_PAIRS, concurrency=1)
         await load.connect(paths, None, timeout=30)
         victims = [p.split("call_id=")[1].split("&")[0] for p, _ in paths]
-        alone = await paced(load, seconds, 0.02, 0.06, offer=CANDIDATE, answer=CANDIDATE)
+        alone = await paced(load, seconds, 0.02, 0.06, offer=CANDIDATE_A, answer=CANDIDATE_B)
         attacker = start_attacker(port, RAMP + seconds + 4 * CYCLE, victims)
         assert attacker.stdout is not None and attacker.stdin is not None
         loop = asyncio.get_running_loop()
@@ -246,7 +246,7 @@ async def hostile_figure(server_dir: str | None, seconds: float) -> dict[str, An
             raise RuntimeError(f"the attacker exited with status {attacker.wait()} before it was ready")
         ready = json.loads(line)
         await asyncio.sleep(CYCLE)  # one full cycle of the attack before measuring: a stretch of time
-        attacked = await paced(load, seconds, 0.02, 0.06, offer=CANDIDATE, answer=CANDIDATE)
+        attacked = await paced(load, seconds, 0.02, 0.06, offer=CANDIDATE_A, answer=CANDIDATE_B)
         attacker.stdin.close()
         out = await asyncio.wait_for(loop.run_in_executor(None, attacker.stdout.read), 4 * CYCLE)
         counts = json.loads(out.strip().splitlines()[-1])

@@ -141,4 +141,4 @@ def test_the_readme_run_command_starts_the_server_with_the_distributions_python(
     assert re.search(r"^home = /usr/bin$", venv, re.M), venv  # made from the distribution's Python
     os.kill(shell.server_pid(), signal.SIGTERM)
     assert shell.process.wait(TIMEOUT) == 0, shell.output()
-    assert "signal_srv stopped" in shell.output()
+    assert shell.finished.wait(TIMEOUT) and "signal_srv stopped" in shell.output(), shell.output()

@@ -55,8 +55,12 @@ except ImportError:  # pragma: no cover - the pure-Python fallback
 # The floor server ------------------------------------------------------------------------
 
 
-def floor_server(port: int, heartbeat: float = 20.0) -> None:
-    """Run the floor on 127.0.0.1:``port`` until killed."""
+def floor_server(port: int, heartbeat: float = 20.0, event_loop: str = "asyncio") -> None:
+    """Run the floor on 127.0.0.1:``port`` until killed, on asyncio's loop or uvloop's."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop(uvloop.new_event_loop())
     from tornado.ioloop import IOLoop
     from tornado.web import Application, RequestHandler
     from tornado.websocket import WebSocketHandler
@@ -585,21 +589,27 @@ def helper_argv(*args: str) -> list[str]:
     return [sys.executable, "-c", RUN_BY_PATH, os.path.abspath(__file__), *args]
 
 
-def start(kind: str, calls: int, server_dir: str | None, auth: str = "none") -> Target:
-    """A fresh server of ``kind``; signal_srv with ``auth="jwt"`` gets a random secret, and the
-    target an access token minted with it (grants create and join) for every create and join."""
-    from signal_srv.stress import free_port, spawn, spawn_server
+def start(kind: str, calls: int, server_dir: str | None, auth: str = "none", event_loop: str = "asyncio") -> Target:
+    """A fresh server of ``kind`` on ``event_loop`` (asyncio or uvloop); signal_srv with ``auth="jwt"``
+    gets a random secret, and the target an access token minted with it (grants create and join)
+    for every create and join."""
+    from signal_srv.stress import free_port, server_options, spawn, spawn_server
     from signal_srv.tokens import mint
 
     headers = ""
     if kind == SIGNAL:
         secret = base64.urlsafe_b64encode(os.urandom(32)).decode() if auth == "jwt" else ""
-        server = spawn_server(calls, cpu=SERVER_CPU, server_dir=server_dir, jwt_secret=secret)
+        # A server that predates the option runs on asyncio; a newer one would pick uvloop by itself.
+        loop = [f"--event_loop={event_loop}"] if "event_loop" in server_options(server_dir) else []
+        if event_loop != "asyncio" and not loop:
+            raise RuntimeError(f"the signal_srv in {server_dir or '.'} has no event_loop option")
+        server = spawn_server(calls, cpu=SERVER_CPU, server_dir=server_dir, jwt_secret=secret, extra=loop)
         if secret:
             headers = f"Authorization: Bearer {mint(secret, 'bench', grants=['create', 'join'], ttl=3600)}\r\n"
     else:
         port = free_port()
-        server = spawn(helper_argv("--floor-server", f"--port={port}"), port, SERVER_CPU)
+        server = spawn(helper_argv("--floor-server", f"--port={port}", f"--event-loop={event_loop}"), port,
+                       SERVER_CPU)
     return Target(kind, server, int(server.base_url.rsplit(":", 1)[1]), headers)
 
 
@@ -631,9 +641,11 @@ async def level(kind: str, calls: int, plan: Plan) -> dict[str, Any]:
     return figures
 
 
-async def connect_storm(kind: str, calls: int, server_dir: str | None, auth: str = "none") -> dict[str, Any]:
+async def connect_storm(
+    kind: str, calls: int, server_dir: str | None, auth: str = "none", event_loop: str = "asyncio",
+) -> dict[str, Any]:
     """T8: ``calls`` pre-created calls connect all their sockets at once."""
-    target = start(kind, calls, server_dir, auth)
+    target = start(kind, calls, server_dir, auth, event_loop)
     load = Load(target)
     try:
         paths = await load.create(calls)
@@ -1042,6 +1054,11 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({model or 'unknown CPU'}), Python {sys.version.split()[0]}, {sys.platform}"
 
 
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages: how much else was running during the figures."""
+    return "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m signal_srv.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a one-minute version (fewer levels, shorter windows)")
@@ -1056,6 +1073,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-dir", help="with --cluster: the source tree of 'today' for figure (a)")
     p.add_argument("--hostile", action="store_true",
                    help="only the 'one hostile IP' figure (about 25 s): a victim's relay p99 alone and under attack")
+    p.add_argument("--relay", action="store_true",
+                   help="only the relay figures R1-R4 (offer/answer/candidate exchanges; with --quick about 2 min)")
+    p.add_argument("--event-loop", choices=("asyncio", "uvloop", "both"), default="asyncio",
+                   help="with --relay: the loop both servers run on ('both': each server on each loop)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sweep-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -1066,7 +1087,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.floor_server:
-        floor_server(args.port)
+        floor_server(args.port, event_loop=args.event_loop)
         return
     if args.sweep_probe:
         sweep_probe(args.calls)
@@ -1082,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise_nofile(4 * max(plan.levels) + 4096)
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {CLIENT_CPU})
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), load_average()
     say = (lambda text: print(text, file=sys.stderr, flush=True))
     say(f"signal_srv bench ({'quick' if args.quick else 'full'}) on {machine()}")
     if args.hostile:
@@ -1090,11 +1111,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         results = {"hostile": asyncio.run(hostile_figure(plan.server_dir, plan.hostile_seconds))}
         rows = [hostile_row(results["hostile"])]
+    elif args.relay:
+        from signal_srv.bench_relay import make_relay_plan, relay_rows, run_relay
+
+        loops = ("asyncio", "uvloop") if args.event_loop == "both" else (args.event_loop,)
+        relay_plan = make_relay_plan(args.quick, loops, args.server_dir)
+        plan.rounds = relay_plan.rounds
+        results = {"relay": asyncio.run(run_relay(relay_plan, say))}
+        rows = relay_rows(relay_plan, results["relay"])
     else:
         results = asyncio.run(run_plan(plan, say))
         rows = summarise(plan, results)
     elapsed = round(time.perf_counter() - started)
+    loads = f"load average {load_before} at the start, {load_average()} at the end"
     report = json.dumps({"machine": machine(), "mode": "quick" if args.quick else "full", "seconds": elapsed,
+                         "load_average": loads,
                          "summary": [{**vars(r), "ratio": r.ratio} for r in rows], **results}, indent=1)
     if args.save:
         with open(args.save, "w") as f:
@@ -1104,7 +1135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         print(f"signal_srv vs bare-Tornado floor, {'quick' if args.quick else 'full'} run, {elapsed} s, {machine()}")
         print(f"server pinned to CPU {SERVER_CPU}, client to CPU {CLIENT_CPU}; medians of {plan.rounds} A/B round(s); "
-              f"signal_srv auth={plan.auth}")
+              f"signal_srv auth={plan.auth}; {loads}")
         print(format_rows(rows))
 
 

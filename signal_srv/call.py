@@ -289,6 +289,7 @@ class Call:
         self.claimed = False
         self.participants: dict[str, Participant] = {}
         self._by_conn: dict[int, Participant] = {}
+        self._relay_fields: dict[str, str] = {}  # peer_id -> messages.relay_fields(), made on its first relay
 
     # Queries ---------------------------------------------------------------------------
 
@@ -423,7 +424,12 @@ class Call:
         others = [p for p in self.participants.values() if p is not sender]
         if not others:
             raise NoPeer()
-        frame = messages.relayed(event.message, self.call_id, sender.peer_id)
+        fields = self._relay_fields.get(sender.peer_id)
+        if fields is None:
+            fields = self._relay_fields[sender.peer_id] = messages.relay_fields(self.call_id, sender.peer_id)
+        frame = messages.relayed(event.message, self.call_id, sender.peer_id, fields)
+        if len(others) == 1 and others[0].conn is not None:  # a 1:1 call with both sockets connected
+            return [self._deliver_frame(others[0], frame)]
         absent = [p for p in others if p.conn is None]
         if absent:
             self._check_room(absent, len(frame))
@@ -513,6 +519,7 @@ class Call:
         effects = self._close(leaver, messages.call_ended(self.call_id, reason), NORMAL_CLOSURE, reason)
         self._take_held(leaver)
         del self.participants[leaver.peer_id]
+        self._relay_fields.pop(leaver.peer_id, None)
         effects.append(Notify("participant_left", leaver.peer_id, reason, leaver.identity, leaver.name))
         if not self.participants:
             return effects + self._end(reason)

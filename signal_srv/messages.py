@@ -27,6 +27,7 @@ __all__ = [
     "loads",
     "parse",
     "pong",
+    "relay_fields",
     "relayed",
     "server_shutdown",
     "to_json",
@@ -121,6 +122,9 @@ def parse(text: str, max_size: int) -> Relay | Ping:
     """
     if len(text) > max_size - RELAY_OVERHEAD:
         raise BadMessage(f"payload too large: at most {max_size - RELAY_OVERHEAD} characters")
+    relay = _compact_relay(text)
+    if relay is not None:
+        return relay
     members = _object_members(text)
     kind = members["type"][0] if "type" in members else None
     if kind is None:
@@ -165,6 +169,34 @@ def _object_members(text: str) -> dict[str, tuple[Any, int, int]]:
     return members
 
 
+_TYPE_START = '{"type":"'
+_PAYLOAD_KEY = '","payload":'
+
+
+def _compact_relay(text: str) -> Relay | None:
+    """``text`` as a ``Relay`` if it is exactly ``{"type":"<relay type>","payload":<value>}``, the
+    form browsers' ``JSON.stringify`` and our client write; else None, and ``parse`` takes the
+    general path. It accepts nothing the general path refuses, and fails the way it does."""
+    if not text.startswith(_TYPE_START):
+        return None
+    quote = text.find('"', 9)
+    kind = text[9:quote]
+    if kind not in RELAY_TYPES or not text.startswith(_PAYLOAD_KEY, quote):
+        return None
+    start = quote + len(_PAYLOAD_KEY)
+    try:
+        value, end = _DECODER.scan_once(text, start)  # type: ignore[attr-defined]
+    except RecursionError:
+        raise BadMessage("JSON nested too deeply") from None
+    except (ValueError, StopIteration):
+        return None  # the general path says what is wrong
+    if end != len(text) - 1 or text[end] != "}":
+        return None
+    if _SURROGATE_ESCAPE.search(text, start):
+        _check_unicode(value)
+    return Relay(kind, text[start:end])
+
+
 def _skip_space(text: str, i: int) -> int:
     match = _WHITESPACE.match(text, i)
     return match.end() if match else i
@@ -207,10 +239,24 @@ def to_json(message: Any) -> str:
     return json.dumps(message, allow_nan=False, separators=(",", ":"))
 
 
-def relayed(relay: Relay, call_id: str, sender: str) -> str:
-    """The frame the other participant gets, as JSON text without its ``seq`` (see ``with_seq``)."""
-    return (f'{{"type":{to_json(relay.type)},"call_id":{to_json(call_id)},"from":{to_json(sender)},'
-            f'"payload":{relay.payload_json}}}')
+_TYPE_HEADS = {kind: '{"type":' + to_json(kind) for kind in RELAY_TYPES}
+
+
+def relay_fields(call_id: str, sender: str) -> str:
+    """The JSON text a frame relayed from ``sender`` carries between its type and its payload.
+
+    The same for every frame of that sender, so a call computes it once (see ``relayed``).
+    """
+    return f',"call_id":{to_json(call_id)},"from":{to_json(sender)},"payload":'
+
+
+def relayed(relay: Relay, call_id: str, sender: str, fields: str | None = None) -> str:
+    """The frame the other participant gets, as JSON text without its ``seq`` (see ``with_seq``).
+
+    ``fields``: ``relay_fields(call_id, sender)``, if the caller keeps it.
+    """
+    head = _TYPE_HEADS.get(relay.type) or '{"type":' + to_json(relay.type)
+    return head + (fields or relay_fields(call_id, sender)) + relay.payload_json + "}"
 
 
 def with_seq(frame: str, seq: int) -> str:

@@ -55,14 +55,9 @@ MAX_FRAGMENTS = 128
 CLOSE_GRACE = 1.0
 FRAMES_AFTER_CLOSE = 4
 
+_TEXT_OPCODE = 0x1
 _CLOSE_OPCODE = 0x8
 _CONTROL_BIT = 0x8  # RFC 6455 section 5.5: opcodes 0x8-0xF are control frames
-
-
-def _retrieve(future: Future[None]) -> None:
-    """Mark a failed write as seen: a peer that went away mid-write is not an error."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _drop_unstarted_frames(stream: IOStream) -> int:
@@ -151,6 +146,26 @@ class GuardedProtocol(WebSocketProtocol13):
             admitted = admitted and not self._refused_fragment
             self._fragments, self._refused_fragment = 0, False
         return super()._handle_message(opcode, data) if admitted else None
+
+    def send_text(self, text: str) -> None:
+        """``write_message(text)`` without the Task Tornado wraps around each write's future.
+
+        Nothing awaits these writes, and a stream that closes fails its write futures (and
+        marks their exceptions as seen) itself. Raises ``WebSocketClosedError`` and
+        ``StreamBufferFullError`` as ``write_message`` does.
+        """
+        if self.is_closing():
+            raise WebSocketClosedError()
+        data = text.encode()
+        self._message_bytes_out += len(data)
+        flags = 0
+        if self._compressor:
+            data = self._compressor.compress(data)
+            flags |= self.RSV1
+        try:
+            self._write_frame(True, _TEXT_OPCODE, data, flags=flags)
+        except StreamClosedError:
+            raise WebSocketClosedError() from None
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Send the close frame (once), stop reading, and cut the connection after ``grace``.
@@ -434,8 +449,11 @@ class SignalingSocket(WebSocketHandler):
 
     def send(self, text: str) -> None:
         """Send a frame without waiting; a reader too slow to keep up is closed with 1013."""
+        protocol = self.ws_connection
         try:
-            self.write_message(text).add_done_callback(_retrieve)
+            if not isinstance(protocol, GuardedProtocol):
+                raise WebSocketClosedError()
+            protocol.send_text(text)
         except WebSocketClosedError:
             logger.debug("dropped a frame for a closed socket")
         except StreamBufferFullError:

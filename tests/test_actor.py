@@ -1,0 +1,68 @@
+"""The actor's inbox order when a frame is handled at once instead of queued (see actor.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from signal_srv.actor import CallActor
+from signal_srv.call import Connect, Join, Leave, Receive
+from signal_srv.messages import Relay
+from signal_srv.registry import Registry
+from tests.conftest import TIMEOUT
+
+
+class RecordingSocket:
+    """The network edge of one participant: records what the actor sends it."""
+
+    def __init__(self) -> None:
+        self.awaiting_pong_since: float | None = None
+        self.frames: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.closed: tuple[int | None, str | None] | None = None
+
+    def send(self, text: str) -> None:
+        self.frames.append(json.loads(text))
+
+    def reply_error(self, code: str, message: str) -> None:
+        self.errors.append(code)
+
+    def heartbeat(self, now: float) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.closed = (None, None)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.closed = (code, reason)
+
+    def relayed(self) -> list[Any]:
+        return [frame["payload"] for frame in self.frames if frame["type"] == "message"]
+
+
+async def connected_pair(registry: Registry) -> tuple[CallActor, RecordingSocket, RecordingSocket, str]:
+    """A call with both participants' sockets attached; the guest's token."""
+    created = registry.create()
+    actor = created.actor
+    await actor.ask(Join("guest", "guest-token"), TIMEOUT)
+    host, guest = RecordingSocket(), RecordingSocket()
+    await actor.ask(Connect(created.peer_id, created.peer_token, 1), TIMEOUT, socket=host)
+    await actor.ask(Connect("guest", "guest-token", 2), TIMEOUT, socket=guest)
+    return actor, host, guest, "guest-token"
+
+
+async def test_a_frame_to_an_idle_actor_is_relayed_before_tell_returns(registry: Registry) -> None:
+    actor, host, guest, _ = await connected_pair(registry)
+    assert actor.tell(Receive(1, Relay("message", '"now"')), socket=host)
+    assert guest.relayed() == ["now"]
+
+
+async def test_a_frame_told_behind_a_queued_request_waits_its_turn(registry: Registry) -> None:
+    actor, host, guest, guest_token = await connected_pair(registry)
+    assert actor.tell(Receive(1, Relay("message", '"before"')), socket=host)
+    left = actor.ask_nowait(Leave(guest_token))
+    assert actor.tell(Receive(1, Relay("message", '"after"')), socket=host)  # queued: the leave comes first
+    await left
+    await actor.ask(Join("third", "third-token"), TIMEOUT)  # a round trip: everything told so far is handled
+    assert guest.relayed() == ["before"]
+    assert host.errors == ["no_peer"]

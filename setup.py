@@ -13,7 +13,9 @@ setup(
     install_requires=["tornado>=6.4", "prometheus_client>=0.17", "PyJWT[crypto]>=2.10", "cryptography>=3.4",
                       "redis>=5"],
     extras_require={
+        "fast": ["uvloop>=0.17"],  # event_loop=auto picks it up
         "test": [
+            "uvloop>=0.17",  # the suite runs on both loops (SIGNAL_SRV_TEST_LOOP=uvloop)
             "pytest>=8,<9",  # schemathesis' pytest plugin breaks under pytest 9
             "pytest-tornasync>=0.6",
             "time-machine>=2.10",

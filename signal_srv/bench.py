@@ -43,6 +43,9 @@ __all__ = ["main", "floor_server", "sweep_probe"]
 RUN_BY_PATH = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 SERVER_CPU, CLIENT_CPU = 0, 1
+# The floor listens with signal_srv's default listen_backlog: with Tornado's default (128) a
+# connect storm overflows the accept queue, and the figure measures SYN retry timers.
+FLOOR_BACKLOG = 4096
 CLIENT_BOUND = 0.90
 SIGNAL, FLOOR = "signal_srv", "floor"
 WS_KEY = base64.b64encode(b"signal-srv-bench").decode()
@@ -91,7 +94,7 @@ def floor_server(port: int, heartbeat: float = 20.0, event_loop: str = "asyncio"
 
     app = Application([(r"/calls", Post), (r"/ws", Relay)], websocket_ping_interval=heartbeat,
                       websocket_ping_timeout=heartbeat)
-    app.listen(port, "127.0.0.1")
+    app.listen(port, "127.0.0.1", backlog=FLOOR_BACKLOG)
     IOLoop.current().start()
 
 

@@ -14,6 +14,7 @@ for the log, instead of stopping the server.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -32,11 +33,13 @@ from signal_srv.errors import ConfigError
 from signal_srv.hosts import is_host_pattern
 from signal_srv.messages import is_decimal
 
-__all__ = ["ENV_PREFIX", "Config", "ignored_environment", "load_config", "option_parser"]
+__all__ = ["ENV_PREFIX", "EVENT_LOOPS", "Config", "ignored_environment", "load_config", "option_parser",
+           "uvloop_installed"]
 
 ENV_PREFIX = "SIGNAL_SRV_"
 NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 # Kubernetes (and Docker's legacy links) set <SERVICE>_PORT=tcp://<host>:<port>.
 _SERVICE_LINK = re.compile(r"(?:tcp|udp|sctp)://[^\s/]+:\d+")
@@ -49,6 +52,8 @@ class Config:
     conf: str = ""
     address: str = "127.0.0.1"
     port: int = 8080
+    listen_backlog: int = 4096
+    event_loop: str = "auto"
     call_ttl: float = 3600.0
     cleanup_interval: float = 10800.0
     max_participants: int = 2
@@ -129,6 +134,9 @@ _HELP = {
     "conf": "path of a conf file (Python syntax, see conf/dev.conf); none: embedded defaults",
     "address": "address to listen on",
     "port": "TCP port to listen on (0: any free port)",
+    "listen_backlog": "connections the kernel queues for the server to accept (capped by net.core.somaxconn)",
+    "event_loop": "'auto': uvloop if it is installed (pip install 'signal_srv[fast]'), else asyncio; "
+                  "'asyncio'; 'uvloop'",
     "call_ttl": "seconds a call without connected sockets or traffic lives before it expires",
     "cleanup_interval": "seconds between background sweeps that reap expired calls",
     "max_participants": "participants a call holds (2 for 1:1 calls)",
@@ -321,6 +329,11 @@ def _apply_file(parser: OptionParser, path: str) -> None:
             raise ConfigError(f"conf: {path!r}: {exc}") from None
 
 
+def uvloop_installed() -> bool:
+    """Whether the optional ``uvloop`` (the ``fast`` extra) can be imported."""
+    return importlib.util.find_spec("uvloop") is not None
+
+
 def _require(ok: bool, name: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r}: {rule}")
@@ -333,6 +346,10 @@ def _checked(c: Config) -> Config:
         value = getattr(c, name)
         _require(math.isfinite(value) and value > 0, name, value, "must be a number of seconds > 0")
     _require(0 <= c.port <= 65535, "port", c.port, "must be between 0 and 65535")
+    _require(c.listen_backlog >= 1, "listen_backlog", c.listen_backlog, "must be at least 1")
+    _require(c.event_loop in EVENT_LOOPS, "event_loop", c.event_loop, "must be one of " + ", ".join(EVENT_LOOPS))
+    _require(c.event_loop != "uvloop" or uvloop_installed(), "event_loop", c.event_loop,
+             "uvloop is not installed (pip install 'signal_srv[fast]')")
     _require(2 <= c.max_participants <= 16, "max_participants", c.max_participants, "must be between 2 and 16")
     for name in ("max_calls", "ws_buffer_limit", "mailbox_size", "max_sockets", "rate_create_burst",
                  "rate_join_burst", "ws_rate_burst", "ws_bytes_burst", "ws_reconnect_burst",

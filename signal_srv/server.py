@@ -9,13 +9,13 @@ import logging
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tornado.web import Application
 
 from signal_srv.app import make_app, make_metrics_app
 from signal_srv.auth import Verifier
-from signal_srv.config import Config, ignored_environment, load_config
+from signal_srv.config import Config, ignored_environment, load_config, uvloop_installed
 from signal_srv.drain import DrainingHTTPServer
 from signal_srv.errors import ConfigError
 from signal_srv.listener import GuardedHTTPServer
@@ -23,7 +23,7 @@ from signal_srv.logs import setup_logging
 from signal_srv.placement import new_node_id
 from signal_srv.registry import Registry
 
-__all__ = ["main", "make_server", "serve"]
+__all__ = ["loop_factory", "main", "make_server", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +57,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     registry: Registry = app.settings["registry"]
     auth: Verifier | None = app.settings["auth"]
     servers = [make_server(app, config)]
-    servers[0].listen(config.port, config.address)
+    servers[0].listen(config.port, config.address, backlog=config.listen_backlog)
     if config.metrics_port:
         servers.append(make_server(make_metrics_app(registry, config), config))
-        servers[1].listen(config.metrics_port, config.address)
+        servers[1].listen(config.metrics_port, config.address, backlog=config.listen_backlog)
     registry.start_sweeping(config.cleanup_interval)
     await registry.placement.start()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    logger.info("signal_srv node %s listening on http://%s:%d/", registry.placement.node_id, config.address,
-                _bound_port(servers[0]))
+    logger.info("signal_srv node %s listening on http://%s:%d/ (event loop: %s)", registry.placement.node_id,
+                config.address, _bound_port(servers[0]), type(loop).__module__.partition(".")[0])
     await stop.wait()
     logger.info("signal_srv stopping: %d live calls", len(registry))
     try:
@@ -113,4 +113,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.warning("configuration: %s", problem)
     gc.freeze()  # start-up objects (modules, config) need never be scanned again
     gc.set_threshold(*GC_THRESHOLDS)
-    asyncio.run(serve(config))
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+        runner.run(serve(config))
+
+
+def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """What makes the loop ``event_loop`` names: uvloop's (``uvloop``, or ``auto`` with uvloop
+    installed), or None for asyncio's own."""
+    if event_loop == "asyncio" or (event_loop == "auto" and not uvloop_installed()):
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop  # type: ignore[no-any-return]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -38,6 +39,22 @@ TIMEOUT = 5.0 * float(os.environ.get("SIGNAL_SRV_TEST_TIMEOUT_SCALE", "1"))
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True, max_examples=50)
 settings.register_profile("dev", database=None, max_examples=25)
 settings.load_profile("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
+
+# The event loop every test runs on, in-process and in the server processes the tests start:
+# asyncio's, or uvloop's with SIGNAL_SRV_TEST_LOOP=uvloop (.ci/run runs the suite on both).
+TEST_LOOP = os.environ.get("SIGNAL_SRV_TEST_LOOP", "asyncio")
+if TEST_LOOP == "uvloop":
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+elif TEST_LOOP != "asyncio":
+    raise RuntimeError(f"SIGNAL_SRV_TEST_LOOP={TEST_LOOP!r}: expected asyncio or uvloop")
+
+
+def server_environ(**extra: str) -> dict[str, str]:
+    """The environment for a server process a test starts: this one's, without the test
+    settings (``SIGNAL_SRV_TEST_*`` name no server option, and the server would warn about them)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("SIGNAL_SRV_TEST_")}, **extra}
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import pytest
 import websocket
 
-from tests.conftest import LIMITS_OFF, TIMEOUT
+from tests.conftest import LIMITS_OFF, TEST_LOOP, TIMEOUT, server_environ
 
 __all__ = ["Closed", "LiveServer", "SyncSocket", "http", "live_server_fixture"]
 
@@ -37,6 +37,7 @@ _LISTENING = re.compile(r"listening on http://[^:/]+:(\d+)/")
 GENEROUS = {
     "max_calls": "100000",
     "max_sockets": "100000",
+    "event_loop": TEST_LOOP,
     **{name: str(value) for name, value in LIMITS_OFF.items()},
 }
 
@@ -66,7 +67,7 @@ class LiveServer:
             raise ValueError(f"signal_srv does not know the options {unknown}")
         args = [f"--{k}={v}" for k, v in merged.items() if k in known]
         self.args = [sys.executable, "-m", "signal_srv", "--address=127.0.0.1", "--port=0", "--log_level=info", *args]
-        self.env = {**os.environ, **(env or {})}
+        self.env = server_environ(**(env or {}))
         self.lines: list[str] = []
         self.port = 0
         self._listening = threading.Event()

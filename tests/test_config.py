@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 
 from signal_srv.config import Config, ignored_environment, load_config
 from signal_srv.errors import ConfigError
+from tests.conftest import server_environ
 from tests.live_server import LiveServer, http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +76,8 @@ def test_prod_conf_loads_with_its_secrets_from_the_environment() -> None:
     (["--held_bytes_total=65536", "--ws_buffer_bytes=131072"], {}, None, "held_bytes_total=65536"),
     (["--allowed_hosts=http://call.example.org"], {}, None, "allowed_hosts='http://call.example.org'"),
     (["--allowed_hosts=call.example.org:443"], {}, None, "allowed_hosts='call.example.org:443'"),
+    (["--event_loop=trio"], {}, None, "event_loop='trio': must be one of auto, asyncio, uvloop"),
+    (["--listen_backlog=0"], {}, None, "listen_backlog=0: must be at least 1"),
     (["--bogus=1"], {}, None, "unknown option --bogus"),
     (["stray"], {}, None, "unexpected argument 'stray'"),
     ([], {"SIGNAL_SRV_PORT": "x"}, None, "--port on the environment"),
@@ -100,7 +102,7 @@ def test_bad_values_fail_at_load_with_a_clear_message(
 def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "signal_srv", *args], capture_output=True, text=True, timeout=30,
-        env={**os.environ, **(env or {})}, cwd=ROOT,
+        env=server_environ(**(env or {})), cwd=ROOT,
     )
 
 
@@ -112,6 +114,18 @@ def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 def test_the_server_exits_2_with_one_line_before_listening(args: list[str], env: dict[str, str], expected: str) -> None:
     result = run_server(*args, env=env)
     assert (result.returncode, result.stderr, result.stdout) == (2, expected, "")
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_the_server_runs_on_the_event_loop_it_is_given(event_loop: str) -> None:
+    server = LiveServer(event_loop=event_loop).start()
+    try:
+        assert f"(event loop: {event_loop})" in server.wait_for_log("listening on")
+        status, body, _ = http("POST", server.base_url + "/apiv2/calls")
+        assert status == 201 and body["status"] == "waiting"
+        assert server.problems() == []
+    finally:
+        assert server.stop() == 0
 
 
 def test_help_lists_the_options_and_exits_0() -> None:

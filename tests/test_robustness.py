@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -21,7 +20,7 @@ from signal_srv.call import End, Receive
 from signal_srv.client import ApiError, SignalingClient
 from signal_srv.registry import Registry
 from signal_srv.logs import JsonFormatter
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, server_environ
 from tests.test_ws import assert_relays, make_pair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +174,7 @@ def test_json_log_lines_carry_the_call_id() -> None:
 async def test_sigterm_tells_every_socket_and_exits_0(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "signal_srv", "--port=0", "--shutdown_timeout=5",
-        stderr=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=server_environ(PYTHONUNBUFFERED="1"),
     )
     try:
         assert process.stderr is not None

@@ -18,6 +18,7 @@ from asyncio import Future
 from typing import Any, Awaitable
 from urllib.parse import urlparse
 
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
@@ -110,6 +111,9 @@ class GuardedProtocol(WebSocketProtocol13):
     """
 
     handler: SignalingSocket
+    # Slots, not instance attributes: Tornado's own fill the instance dict to the size up to
+    # which instances share their keys (30); more would give each socket a dict of its own.
+    __slots__ = ("_frame_start", "_finished", "_fragments", "_refused_fragment", "_frames_after_close", "grace")
 
     def __init__(self, handler: SignalingSocket, mask_outgoing: bool, params: Any) -> None:
         super().__init__(handler, mask_outgoing, params)
@@ -183,6 +187,9 @@ class GuardedProtocol(WebSocketProtocol13):
 class SignalingSocket(WebSocketHandler):
     """``GET /apiv2/ws?call_id=&peer_id=&token=``: one participant's signaling socket."""
 
+    __slots__ = ("registry", "config", "limits", "metrics", "conn", "awaiting_pong_since", "_actor", "_closed",
+                 "_counted", "_ip", "_budget", "_ip_budget", "_strikes")  # see GuardedProtocol
+
     def initialize(self, registry: Registry, config: Config, limits: Limits, metrics: Metrics) -> None:
         self.registry = registry
         self.config = config
@@ -243,6 +250,9 @@ class SignalingSocket(WebSocketHandler):
         stream = self._stream()
         assert stream is not None
         stream.max_write_buffer_size = self.config.ws_write_buffer_limit
+        # The handshake's answer is on the wire; its headers (security headers included, about
+        # 1.5 KB) would otherwise stay with the socket for its whole life.
+        self._headers = HTTPHeaders()
         checked = await self._checked_request()
         if checked is None:
             return

@@ -1,12 +1,15 @@
-"""The actor's inbox order when a frame is handled at once instead of queued (see actor.py)."""
+"""The actor's inbox: its order when a frame is handled at once instead of queued, and its bound."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from signal_srv.actor import CallActor
-from signal_srv.call import Connect, Join, Leave, Receive
+from signal_srv.call import Connect, Identify, Join, Leave, Receive
 from signal_srv.messages import Relay
 from signal_srv.registry import Registry
 from tests.conftest import TIMEOUT
@@ -66,3 +69,16 @@ async def test_a_frame_told_behind_a_queued_request_waits_its_turn(registry: Reg
     await actor.ask(Join("third", "third-token"), TIMEOUT)  # a round trip: everything told so far is handled
     assert guest.relayed() == ["before"]
     assert host.errors == ["no_peer"]
+
+
+@pytest.mark.settings(mailbox_size=2)
+async def test_a_put_to_a_full_inbox_waits_for_room_and_keeps_its_turn(registry: Registry) -> None:
+    actor, host, guest, guest_token = await connected_pair(registry)
+    asked = actor.ask_nowait(Identify(guest_token))  # straight to the waiting loop
+    frames = [actor.tell(Receive(1, Relay("message", f'"{n}"')), socket=host) for n in (1, 2, 0)]
+    assert frames == [True, True, False]  # two fill the inbox, the third is refused
+    put = asyncio.ensure_future(actor.put(Receive(1, Relay("message", '"3"')), socket=host))
+    await asyncio.wait_for(put, TIMEOUT)
+    assert await asked == "guest"
+    await actor.ask(Identify(guest_token), TIMEOUT)
+    assert guest.relayed() == ["1", "2", "3"]

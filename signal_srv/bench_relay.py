@@ -10,7 +10,7 @@ fresh process pinned to one core and run on the same event loop:
   (one server, grown from level to level); relayed msgs/s;
 - R2 paced: 1 000 pairs, each starting an exchange after a think time of 1-3 s (2 s on
   average, about 4 000 msgs/s offered); hop latency p50/p99 and the server's CPU;
-- R3 RSS per connected pair, on the paced server before its load starts;
+- R3 RSS per connected pair (call and sockets), on the paced server before its load starts;
 - R4 2 000 pairs connecting at once: the time until every pair is ready, and errors.
 
 With ``--event-loop both`` every server runs once on asyncio and once on uvloop in each
@@ -20,7 +20,6 @@ round, so that the loops are compared in the same run too.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import random
 import statistics
@@ -192,10 +191,8 @@ async def paced_level(kind: str, loop: str, plan: RelayPlan) -> dict[str, Any]:
     pid = target.server.process.pid
     load = Load(target)
     try:
-        paths = await load.create(plan.paced_pairs)
-        gc.collect()
-        base = rss_bytes(pid)
-        errors = await load.connect(paths, 500, timeout=120)
+        base = rss_bytes(pid)  # before the creates: a call's own memory counts too
+        errors = await load.connect(await load.create(plan.paced_pairs), 500, timeout=120)
         rss_per_pair = round((rss_bytes(pid) - base) / max(len(load.pairs), 1))
         exchanges = Exchanges(load, plan.think)
         exchanges.begin(load.pairs)
@@ -262,10 +259,10 @@ def relay_rows(plan: RelayPlan, raw: dict[str, list[dict[str, Any]]]) -> list[Ro
             name = f"closed_{pairs}"
             s, f = both(name, "msgs_per_s")
             errors = (_median(s_runs, name, "errors") or 0) + (_median(s_runs, name, "connect_errors") or 0)
-            cpu = _median(s_runs, name, "server_cpu")
             rows.append(Row(f"R1 relay msgs/s, closed, {pairs} pairs{tag}", s, f, "msg/s", ">= 0.9x floor",
                             bool(s and f and s >= 0.9 * f and not errors), client(name),
-                            f"server CPU {cpu}; hop p50 {_pair(both(name, 'hop_ms', 'p50'))} ms"
+                            f"server CPU {_pair(*both(name, 'server_cpu'))}; CPU us/msg "
+                            f"{_pair(_per_msg(s_runs, name), _per_msg(f_runs, name))}"
                             + (f"; errors {errors:g}" if errors else "")))
         for q in ("p50", "p99"):
             s, f = both("paced", "hop_ms", q)
@@ -276,7 +273,7 @@ def relay_rows(plan: RelayPlan, raw: dict[str, list[dict[str, Any]]]) -> list[Ro
         valid = f is not None and f <= 0.8
         rows.append(Row(f"R2 paced server CPU, {plan.paced_pairs} pairs{tag}", s, f, "core",
                         "<= 1.25x floor", bool(valid and s is not None and f and s <= 1.25 * f) if valid else None,
-                        client("paced"), f"relayed {_pair(both('paced', 'msgs_per_s'))} msgs/s"
+                        client("paced"), f"relayed {_pair(*both('paced', 'msgs_per_s'))} msgs/s"
                         + ("" if valid else "; the floor used > 80 % of a core: no target at this load")))
         s, f = both("rss_per_pair_bytes")
         rows.append(Row(f"R3 RSS per connected pair{tag}", s, f, "B", "<= 1.3x floor",
@@ -285,7 +282,7 @@ def relay_rows(plan: RelayPlan, raw: dict[str, list[dict[str, Any]]]) -> list[Ro
         errors = (_median(s_runs, "storm", "errors") or 0)
         rows.append(Row(f"R4 {plan.storm_pairs} pairs connecting at once{tag}", s, f, "s", "0 errors, <= 1.3x",
                         bool(not errors and s is not None and f and s <= 1.3 * f), client("storm"),
-                        f"errors {errors:g}"))
+                        f"errors {errors:g}; server CPU-s {_pair(_cpu_seconds(s_runs), _cpu_seconds(f_runs))}"))
     if len(plan.loops) > 1:
         rows += _loop_rows(plan, raw)
     return rows
@@ -305,6 +302,17 @@ def _loop_rows(plan: RelayPlan, raw: dict[str, list[dict[str, Any]]]) -> list[Ro
     return rows
 
 
-def _pair(values: tuple[float | None, float | None]) -> str:
+def _per_msg(runs: list[dict[str, Any]], name: str) -> float | None:
+    """Median server CPU microseconds per relayed message: what a share of a busy core does not change."""
+    values = [1e6 * r[name]["server_cpu"] / r[name]["msgs_per_s"] for r in runs if r.get(name, {}).get("msgs_per_s")]
+    return statistics.median(values) if values else None
+
+
+def _cpu_seconds(runs: list[dict[str, Any]]) -> float | None:
+    values = [r["storm"]["server_cpu"] * r["storm"]["seconds"] for r in runs if "storm" in r]
+    return statistics.median(values) if values else None
+
+
+def _pair(s: float | None, f: float | None) -> str:
     """``signal_srv vs floor`` for a note."""
-    return " vs ".join("-" if v is None else f"{v:,.2f}" if v < 100 else f"{v:,.0f}" for v in values)
+    return " vs ".join("-" if v is None else f"{v:,.2f}" if v < 100 else f"{v:,.0f}" for v in (s, f))

@@ -6,7 +6,7 @@ token, 4404 no such call, 4409 replaced by a newer socket of the same participan
 
 Every frame a socket receives, control frames and fragments included, is charged to its
 participant's and its address's ``Budget`` before anything else is done with it
-(``GuardedProtocol``).
+(``protocol.GuardedProtocol``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from asyncio import Future
 from typing import Any, Awaitable
 from urllib.parse import urlparse
 
@@ -32,9 +31,10 @@ from signal_srv.limits import Budget, Limits
 from signal_srv.logs import redact
 from signal_srv.metrics import Metrics
 from signal_srv.placement import CallRef
+from signal_srv.protocol import GuardedProtocol
 from signal_srv.registry import Registry
 
-__all__ = ["GuardedProtocol", "SignalingSocket"]
+__all__ = ["SignalingSocket"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +49,6 @@ CALL_NOT_FOUND = 4404
 
 # Frames refused by the rate limit, in a row, before the socket is closed with 1008.
 RATE_STRIKES = 10
-# Frames one message may arrive in (RFC 6455 section 5.4 fragments); more: close 1008.
-MAX_FRAGMENTS = 128
-# After the server's close frame: seconds the peer has to answer with its own before the
-# connection is dropped, and frames read meanwhile (none is processed) before it is dropped at once.
-CLOSE_GRACE = 1.0
-FRAMES_AFTER_CLOSE = 4
-
-_TEXT_OPCODE = 0x1
-_CLOSE_OPCODE = 0x8
-_CONTROL_BIT = 0x8  # RFC 6455 section 5.5: opcodes 0x8-0xF are control frames
 
 
 def _drop_unstarted_frames(stream: IOStream) -> int:
@@ -93,102 +83,11 @@ def _drop_unstarted_frames(stream: IOStream) -> int:
     return dropped
 
 
-class GuardedProtocol(WebSocketProtocol13):
-    """Tornado's RFC 6455 protocol, with every received frame charged to the socket's budget.
-
-    Tornado answers pings and gathers fragments inside its frame loop, out of the handler's
-    sight, so this subclass hooks two of its private methods (as in Tornado 6.6, the version
-    pinned in .ci/constraints.txt; a Tornado that changes them fails tests/test_abuse.py):
-
-    - ``_receive_frame`` runs once per frame: a fragment that does not finish its message
-      is charged there, and counted against ``MAX_FRAGMENTS``;
-    - ``_handle_message`` gets every finished message and control frame before Tornado acts
-      on it: charged there, and dropped (a ping goes unanswered) when over budget.
-
-    Once the server has sent its close frame nothing more is processed: only the peer's
-    closing reply is awaited, for ``grace`` seconds (``CLOSE_GRACE`` unless the handler sets
-    another) and ``FRAMES_AFTER_CLOSE`` frames; then the connection is cut.
-    """
-
-    handler: SignalingSocket
-    # Slots, not instance attributes: Tornado's own fill the instance dict to the size up to
-    # which instances share their keys (30); more would give each socket a dict of its own.
-    __slots__ = ("_frame_start", "_finished", "_fragments", "_refused_fragment", "_frames_after_close", "grace")
-
-    def __init__(self, handler: SignalingSocket, mask_outgoing: bool, params: Any) -> None:
-        super().__init__(handler, mask_outgoing, params)
-        self._frame_start = 0
-        self._finished = False
-        self._fragments = 0
-        self._refused_fragment = False
-        self._frames_after_close = 0
-        self.grace = CLOSE_GRACE
-
-    async def _receive_frame(self) -> None:
-        if self.server_terminated:
-            self._frames_after_close += 1
-            if self._frames_after_close > FRAMES_AFTER_CLOSE:
-                self._abort()
-                return
-        self._frame_start, self._finished = self._wire_bytes_in, False
-        await super()._receive_frame()
-        if self._finished or self.client_terminated or self.server_terminated:
-            return
-        # A fragment that does not finish its message: Tornado only buffered it.
-        self._fragments += 1
-        if self._fragments > MAX_FRAGMENTS:
-            self.handler.close(POLICY_VIOLATION, f"a message may come in at most {MAX_FRAGMENTS} frames")
-        elif not self.handler.admit(self._wire_bytes_in - self._frame_start):
-            self._refused_fragment = True
-
-    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
-        self._finished = True
-        if self.server_terminated and opcode != _CLOSE_OPCODE:
-            return None
-        admitted = opcode == _CLOSE_OPCODE or self.handler.admit(self._wire_bytes_in - self._frame_start)
-        if not opcode & _CONTROL_BIT:  # a whole message: a refused fragment drops all of it
-            admitted = admitted and not self._refused_fragment
-            self._fragments, self._refused_fragment = 0, False
-        return super()._handle_message(opcode, data) if admitted else None
-
-    def send_text(self, text: str) -> None:
-        """``write_message(text)`` without the Task Tornado wraps around each write's future.
-
-        Nothing awaits these writes, and a stream that closes fails its write futures (and
-        marks their exceptions as seen) itself. Raises ``WebSocketClosedError`` and
-        ``StreamBufferFullError`` as ``write_message`` does.
-        """
-        if self.is_closing():
-            raise WebSocketClosedError()
-        data = text.encode()
-        self._message_bytes_out += len(data)
-        flags = 0
-        if self._compressor:
-            data = self._compressor.compress(data)
-            flags |= self.RSV1
-        try:
-            self._write_frame(True, _TEXT_OPCODE, data, flags=flags)
-        except StreamClosedError:
-            raise WebSocketClosedError() from None
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        """Send the close frame (once), stop reading, and cut the connection after ``grace``.
-
-        Tornado's own close() waits a fixed 5 s for the peer's close frame (``_waiting``).
-        """
-        first = not self.server_terminated
-        super().close(code, reason)
-        if first and self._waiting is not None:
-            loop = self.stream.io_loop
-            loop.remove_timeout(self._waiting)
-            self._waiting = loop.call_later(self.grace, self._abort)
-
-
 class SignalingSocket(WebSocketHandler):
     """``GET /apiv2/ws?call_id=&peer_id=&token=``: one participant's signaling socket."""
 
     __slots__ = ("registry", "config", "limits", "metrics", "conn", "awaiting_pong_since", "_actor", "_closed",
-                 "_counted", "_ip", "_budget", "_ip_budget", "_strikes")  # see GuardedProtocol
+                 "_counted", "_ip", "_budget", "_ip_budget", "_strikes")  # see GuardedProtocol's
 
     def initialize(self, registry: Registry, config: Config, limits: Limits, metrics: Metrics) -> None:
         self.registry = registry

@@ -97,6 +97,12 @@ def base_url(http_server: Any, http_server_port: tuple[Any, int]) -> str:
 
 
 @pytest.fixture
+def port(http_server: Any, http_server_port: tuple[Any, int]) -> int:
+    """The test server's port, for raw sockets."""
+    return http_server_port[1]
+
+
+@pytest.fixture
 def client(base_url: str) -> SignalingClient:
     return SignalingClient(base_url, timeout=TIMEOUT)
 

@@ -14,7 +14,6 @@ import re
 import socket
 import struct
 import urllib.request
-from typing import Any
 
 import pytest
 from tornado.iostream import IOStream, StreamClosedError
@@ -102,11 +101,6 @@ class RawSocket:
         except StreamClosedError:
             pass
         return True
-
-
-@pytest.fixture
-def port(http_server: Any, http_server_port: tuple[Any, int]) -> int:
-    return http_server_port[1]
 
 
 async def metric(client: SignalingClient, name: str) -> float:

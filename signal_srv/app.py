@@ -107,6 +107,7 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
     api = {**deps, "auth": auth}  # the REST handlers; the socket keeps using peer tokens
     call = r"/apiv2/calls/([^/]+)"
     routes: list[Any] = [
+        (r"/apiv2/ws", SignalingSocket, deps),  # first: Tornado tries the routes in order, and reconnects come in storms
         (r"/apiv2/calls", CallsHandler, api),
         (r"/apiv2/calls/current", CurrentCallHandler, api),
         (call, CallHandler, api),
@@ -115,7 +116,6 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
         (call + "/end", EndHandler, api),
         (call + r"/participants/([^/]+)/remove", RemoveHandler, api),
         (r"/apiv2/config", ConfigHandler, api),
-        (r"/apiv2/ws", SignalingSocket, deps),
         (r"/healthz", HealthHandler, api),
         (r"/readyz", ReadyHandler, api),
         (r"/apiv2/openapi.json", OpenApiHandler, {}),

@@ -9,6 +9,7 @@ always accepted: a rebinding needs a name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -38,8 +39,13 @@ def host_allowed(name: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1024)
 def is_ip_literal(name: str) -> bool:
-    """True for an IPv4 or IPv6 address, the latter with or without brackets."""
+    """True for an IPv4 or IPv6 address, the latter with or without brackets.
+
+    Every request asks, with one of a few names, and parsing costs more than the rest of the
+    host check: the answers are cached.
+    """
     try:
         ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
     except ValueError:

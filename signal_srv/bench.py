@@ -379,16 +379,22 @@ class Load:
         self.errors = 0
         self.stray = 0
         self.on_relay: Callable[[Ws, bytes], None] = lambda ws, data: None
-        self._to_a = self._to_b = b""
+        self._to_a: tuple[bytes, ...] = ()
+        self._to_b: tuple[bytes, ...] = ()
 
-    def relay(self, on_relay: Callable[[Ws, bytes], None], a_sends: bytes, b_sends: bytes) -> None:
-        """Hand ``on_relay`` the frames that carry ``a_sends``' payload to b and ``b_sends``' to a."""
-        self.on_relay, self._to_b, self._to_a = on_relay, carried(a_sends), carried(b_sends)
+    def relay(self, on_relay: Callable[[Ws, bytes], None], a_sends: bytes | Sequence[bytes],
+              b_sends: bytes | Sequence[bytes]) -> None:
+        """Hand ``on_relay`` the frames that carry the payload of (one of) ``a_sends`` to b and
+        of ``b_sends`` to a."""
+        def payloads(sends: bytes | Sequence[bytes]) -> tuple[bytes, ...]:
+            return tuple(carried(m) for m in ([sends] if isinstance(sends, bytes) else sends))
+
+        self.on_relay, self._to_b, self._to_a = on_relay, payloads(a_sends), payloads(b_sends)
 
     def idle(self) -> None:
         """Count nothing as relayed (between phases, or while only heartbeats flow)."""
         self.on_relay = lambda ws, data: None
-        self._to_a = self._to_b = b""
+        self._to_a = self._to_b = ()
 
     def _on_text(self, ws: Ws, data: bytes) -> None:
         if data.startswith(b'{"type":"state"'):
@@ -397,7 +403,7 @@ class Load:
             return
         pair: Pair | None = ws.pair
         expected = self._to_b if pair is not None and ws is pair.b else self._to_a
-        if pair is not None and expected and expected in data:
+        if pair is not None and any(payload in data for payload in expected):
             self.on_relay(ws, data)
         else:
             self.stray += 1

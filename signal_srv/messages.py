@@ -179,8 +179,8 @@ def _compact_relay(text: str) -> Relay | None:
     general path. It accepts nothing the general path refuses, and fails the way it does."""
     if not text.startswith(_TYPE_START):
         return None
-    quote = text.find('"', 9)
-    kind = text[9:quote]
+    quote = text.find('"', len(_TYPE_START))
+    kind = text[len(_TYPE_START):quote]
     if kind not in RELAY_TYPES or not text.startswith(_PAYLOAD_KEY, quote):
         return None
     start = quote + len(_PAYLOAD_KEY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -30,6 +31,29 @@ def test_a_relayed_frame_carries_the_payload_as_written() -> None:
 
 def test_the_last_of_duplicate_members_counts_as_in_json() -> None:
     assert parse('{"type": "offer", "payload": 1, "payload": [2]}', SIZE) == Relay("offer", "[2]")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"type":"candidate","payload":{"candidate":"c","sdpMid":"0"}}', Relay("candidate", '{"candidate":"c","sdpMid":"0"}')),
+    ('{"type":"offer","payload":"v=0\\r\\n"}', Relay("offer", '"v=0\\r\\n"')),
+    ('{"type":"offer","payload":1,"payload":2}', Relay("offer", "2")),  # not compact: the general path
+    ('{"type":"offer","payload":1} ', Relay("offer", "1")),
+    ('{"type":"bye","payload":null}', Relay("bye", "null")),
+])
+def test_compact_frames_parse_as_the_general_path_does(text: str, expected: Relay) -> None:
+    assert parse(text, SIZE) == expected
+
+
+@pytest.mark.parametrize("payload", [
+    "Infinity", "NaN", '{"\\udfff": 1}', '"\\ud800"', "[1,]", "[" * 5000, "1" * 5000, '{"a": 1', "",
+])
+def test_a_compact_frame_is_refused_as_its_spaced_form_is(payload: str) -> None:
+    errors = []
+    for text in ('{"type":"offer","payload":' + payload + "}", '{"type": "offer", "payload": ' + payload + "}"):
+        with pytest.raises(BadMessage) as info:
+            parse(text, SIZE)
+        errors.append(re.sub(r": line \d+ column \d+ \(char \d+\)", "", str(info.value)))
+    assert errors[0] == errors[1]
 
 
 def test_ping_parses() -> None:

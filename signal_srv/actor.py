@@ -175,7 +175,8 @@ class CallActor:
         self._unhandled = 0  # envelopes queued by tell/put/ask and not yet taken by the loop
         # A random phase, so that calls created in a burst do not all ping at the same moment.
         self._pinged_at = time.monotonic() - random.random() * heartbeat_interval
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # when _timer is due (uvloop answers call_at with a plain Handle when it is due already)
         self._getter: asyncio.Future[Envelope] | None = None  # the loop's pending read of an empty inbox
         self._handling_now = False
         self._failure: Exception | None = None  # a frame handled on a teller's stack crashed the call
@@ -343,11 +344,11 @@ class CallActor:
         wake = self._wake_time()
         if wake is not None and time.monotonic() >= wake:
             return None  # checked first, so a steady stream of envelopes cannot starve the timers
-        if wake is not None and (self._timer is None or wake < self._timer.when()):
+        if wake is not None and (self._timer is None or wake < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
             # asyncio's loop clock is time.monotonic(); IOLoop.time() would be the wall clock.
-            self._timer = asyncio.get_running_loop().call_at(wake, self._wake_up)
+            self._timer, self._timer_at = asyncio.get_running_loop().call_at(wake, self._wake_up), wake
         if self._queue.qsize():
             envelope = self._queue.get_nowait()
         else:

@@ -82,3 +82,15 @@ async def test_a_put_to_a_full_inbox_waits_for_room_and_keeps_its_turn(registry:
     assert await asked == "guest"
     await actor.ask(Identify(guest_token), TIMEOUT)
     assert guest.relayed() == ["1", "2", "3"]
+
+
+async def test_timers_due_within_a_millisecond_leave_the_actor_running() -> None:
+    """uvloop answers call_at with a plain Handle (no when()) for a time less than a millisecond away."""
+    registry = Registry(heartbeat_interval=0.0002, heartbeat_timeout=60.0)
+    try:
+        actor, host, guest, guest_token = await connected_pair(registry)
+        for _ in range(200):  # each one passes the loop while a heartbeat timer is pending
+            assert await actor.ask(Identify(guest_token), TIMEOUT) == "guest"
+        assert actor.alive
+    finally:
+        await registry.close(TIMEOUT)

@@ -347,7 +347,8 @@ class CallActor:
         if wake is not None and (self._timer is None or wake < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
-            # The loop's clock is time.monotonic() (uvloop's too, in whole milliseconds); IOLoop.time() is the wall clock.
+            # The loop's clock is time.monotonic() (uvloop's too, in whole milliseconds);
+            # IOLoop.time() is the wall clock.
             self._timer, self._timer_at = asyncio.get_running_loop().call_at(wake, self._wake_up), wake
         if self._queue.qsize():
             envelope = self._queue.get_nowait()

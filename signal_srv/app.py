@@ -107,7 +107,8 @@ def make_app(config: Config, registry: Registry | None = None) -> Application:
     api = {**deps, "auth": auth}  # the REST handlers; the socket keeps using peer tokens
     call = r"/apiv2/calls/([^/]+)"
     routes: list[Any] = [
-        (r"/apiv2/ws", SignalingSocket, deps),  # first: Tornado tries the routes in order, and reconnects come in storms
+        # First: Tornado tries the routes in order, and reconnects come in storms.
+        (r"/apiv2/ws", SignalingSocket, deps),
         (r"/apiv2/calls", CallsHandler, api),
         (r"/apiv2/calls/current", CurrentCallHandler, api),
         (call, CallHandler, api),

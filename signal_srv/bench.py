@@ -1083,7 +1083,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hostile", action="store_true",
                    help="only the 'one hostile IP' figure (about 25 s): a victim's relay p99 alone and under attack")
     p.add_argument("--relay", action="store_true",
-                   help="only the relay figures R1-R4 (offer/answer/candidate exchanges; with --quick about 2 min)")
+                   help="only the relay figures R1-R4 (offer/answer/candidate exchanges; about 5 min per loop, "
+                        "75 s with --quick)")
     p.add_argument("--event-loop", choices=("asyncio", "uvloop", "both"), default="asyncio",
                    help="with --relay: the loop both servers run on ('both': each server on each loop)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)

@@ -175,8 +175,8 @@ async def closed_levels(kind: str, loop: str, plan: RelayPlan) -> dict[str, Any]
             errors = await load.connect(await load.create(pairs - len(load.pairs)), 500, timeout=120)
             exchanges = Exchanges(load, None)
             exchanges.begin(load.pairs)
-            figures[f"closed_{pairs}"] = {**await exchanges.measure(1.0, plan.closed_seconds, target.server.process.pid),
-                                          "connect_errors": errors}
+            measured = await exchanges.measure(1.0, plan.closed_seconds, target.server.process.pid)
+            figures[f"closed_{pairs}"] = {**measured, "connect_errors": errors}
     finally:
         target.server.stop()  # the server closes first: no TIME_WAIT piles up on the client side
         load.close()
@@ -293,8 +293,9 @@ def _loop_rows(plan: RelayPlan, raw: dict[str, list[dict[str, Any]]]) -> list[Ro
     for kind in (FLOOR, SIGNAL):
         a, b = raw[_key(kind, second)], raw[_key(kind, first)]
         for pairs in plan.closed_levels:
-            rows.append(Row(f"{kind} msgs/s, {pairs} pairs, {second}/{first}", _median(a, f"closed_{pairs}", "msgs_per_s"),
-                            _median(b, f"closed_{pairs}", "msgs_per_s"), "msg/s", "(measured)", None))
+            name = f"closed_{pairs}"
+            rows.append(Row(f"{kind} msgs/s, {pairs} pairs, {second}/{first}", _median(a, name, "msgs_per_s"),
+                            _median(b, name, "msgs_per_s"), "msg/s", "(measured)", None))
         rows.append(Row(f"{kind} paced hop p99, {second}/{first}", _median(a, "paced", "hop_ms", "p99"),
                         _median(b, "paced", "hop_ms", "p99"), "ms", "(measured)", None))
     return rows

@@ -4,7 +4,7 @@ a frame reader that takes what has arrived in one read, and writes without a Tas
 Tornado answers pings and gathers fragments inside its frame loop, out of the handler's
 sight, so this subclass replaces that loop and hooks Tornado's private methods, as in
 Tornado 6.6 (the version pinned in .ci/constraints.txt; a Tornado that changes them fails
-tests/test_abuse.py and tests/test_ws_fuzz.py).
+tests/test_protocol.py, tests/test_abuse.py and tests/test_ws_fuzz.py).
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
-from tornado.queues import QueueFull
+from tornado.queues import Queue, QueueFull
 
 from signal_srv import messages
 from signal_srv.call import (
@@ -44,7 +44,6 @@ from signal_srv.call import (
     StatusChanged,
 )
 from signal_srv.errors import CallBusy, CallEnded, SignalError
-from signal_srv.mailbox import Mailbox
 from signal_srv.messages import Relay
 from signal_srv.metrics import Metrics
 from signal_srv.snapshot import call_to_dict
@@ -165,7 +164,7 @@ class CallActor:
         self.call_id = call.call_id
         self.order = order
         self.created_at = created_at or iso_time(time.time())
-        self._queue: Mailbox[Envelope] = Mailbox(mailbox_size)
+        self._queue: Queue[Envelope] = Queue(maxsize=mailbox_size)
         self._sockets: dict[int, Socket] = {}
         self._on_status = on_status
         self._heartbeat_interval = heartbeat_interval
@@ -353,7 +352,7 @@ class CallActor:
         if self._queue.qsize():
             envelope = self._queue.get_nowait()
         else:
-            self._getter = self._queue.get()
+            self._getter = cast("asyncio.Future[Envelope]", self._queue.get())
             try:
                 envelope = await self._getter
             finally:

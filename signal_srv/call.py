@@ -17,6 +17,13 @@ Rules:
 - Every frame sent to a participant carries ``seq``, increasing by one per participant and
   continuing across its reconnects. The last frames sent are kept (``resume_limit``,
   ``resume_bytes``) so that a socket reconnecting with ``last_seq`` gets what it missed.
+- A participant may number its own frames with ``cseq``. The call remembers the highest
+  ``cseq`` it accepted from each participant, tells it as ``last_cseq`` in the ``state``
+  frame of every connect, and drops a frame whose ``cseq`` it already accepted: a client
+  that resends what it is not sure arrived never gets it relayed twice.
+- ``Restart`` (the node running the call stops, and another carries the call on): the
+  affected sockets get ``server_shutdown`` with ``reconnect`` and close with 1012; their
+  participants keep their slots, as after any disconnect.
 - Timers, all on one monotonic deadline (``Call.deadline``):
   - ``ttl``: runs only while no participant has a connected socket and nothing happens,
     so a live call whose sockets answer heartbeats never expires (reason ``expired``);
@@ -64,6 +71,7 @@ __all__ = [
     "Participant",
     "Receive",
     "Remove",
+    "Restart",
     "Send",
     "Shutdown",
     "Status",
@@ -175,7 +183,14 @@ class Shutdown:
     """The server is stopping."""
 
 
-Event = Union[Join, Leave, End, Remove, Connect, Disconnect, Receive, Identify, Expire, Shutdown]
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """The call goes on on another node: socket ``conn`` (None: every socket) must reconnect."""
+
+    conn: int | None = None
+
+
+Event = Union[Join, Leave, End, Remove, Connect, Disconnect, Receive, Identify, Expire, Shutdown, Restart]
 
 # Effects -----------------------------------------------------------------------------
 
@@ -213,7 +228,7 @@ class Notify:
 
 Effect = Union[Send, Close, StatusChanged, Notify]
 
-_ANY_EVENT = frozenset({Join, Leave, End, Remove, Connect, Disconnect, Receive, Identify, Expire, Shutdown})
+_ANY_EVENT = frozenset({Join, Leave, End, Remove, Connect, Disconnect, Receive, Identify, Expire, Shutdown, Restart})
 
 # Which events each status accepts; anything else is refused and changes nothing.
 # waiting --2nd join--> active --leave--> waiting; either --end/expire/last leave/shutdown--> ended
@@ -226,6 +241,7 @@ TRANSITIONS: dict[Status, frozenset[type]] = {
 # RFC 6455 close codes and the application codes (4xxx) the README documents.
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001
+SERVICE_RESTART = 1012
 REPLACED = 4409
 
 
@@ -252,6 +268,7 @@ class Participant:
     name: str | None = None
     conn: int | None = None
     seq: int = 0
+    cseq: int | None = None  # the highest cseq accepted from this participant
     # Created on first use: most participants never need them (a deque costs ~760 bytes).
     held: deque[str] | None = None  # relayed frames without their seq, stamped on delivery
     held_bytes: int = 0
@@ -404,7 +421,8 @@ class Call:
                     "resume_failed", f"frames after seq {event.last_seq} are no longer kept; renegotiate")))
             else:
                 effects += [Send(event.conn, text) for text in missed]
-        effects += self._broadcast_state("connected", p.peer_id)
+        effects += [self._deliver(q, self.state_for(q, "connected", p.peer_id, last_cseq=q is p))
+                    for q in self.participants.values() if q.conn is not None]
         effects += [self._deliver_frame(p, frame) for frame in self._take_held(p)]
         return effects
 
@@ -419,7 +437,11 @@ class Call:
         sender = self._by_conn.get(event.conn)
         if sender is None:
             raise Unauthorized("this socket is no longer attached to the call")
+        cseq = event.message.cseq
+        if cseq is not None and sender.cseq is not None and cseq <= sender.cseq:
+            return []  # accepted before (a client resending after a reconnect): drop it
         if isinstance(event.message, Ping):
+            sender.cseq = cseq if cseq is not None else sender.cseq
             return [self._deliver(sender, messages.pong())]
         others = [p for p in self.participants.values() if p is not sender]
         if not others:
@@ -429,10 +451,14 @@ class Call:
             fields = self._relay_fields[sender.peer_id] = messages.relay_fields(self.call_id, sender.peer_id)
         frame = messages.relayed(event.message, self.call_id, sender.peer_id, fields)
         if len(others) == 1 and others[0].conn is not None:  # a 1:1 call with both sockets connected
+            if cseq is not None:
+                sender.cseq = cseq
             return [self._deliver_frame(others[0], frame)]
         absent = [p for p in others if p.conn is None]
         if absent:
             self._check_room(absent, len(frame))
+        if cseq is not None:
+            sender.cseq = cseq
         effects: list[Effect] = []
         for p in others:
             if p.conn is None:
@@ -460,6 +486,17 @@ class Call:
 
     def _shutdown(self, event: Shutdown, now: float) -> list[Effect]:
         return self._end("shutdown", messages.server_shutdown(), GOING_AWAY)
+
+    def _restart(self, event: Restart, now: float) -> list[Effect]:
+        leaving = [p for p in self.participants.values()
+                   if p.conn is not None and event.conn in (None, p.conn)]
+        effects: list[Effect] = []
+        for p in leaving:
+            effects += self._close(p, messages.server_shutdown(reconnect=True), SERVICE_RESTART, "server restart")
+            p.away_since = now
+        for p in leaving:
+            effects += self._broadcast_state("disconnected", p.peer_id)
+        return effects
 
     # Helpers ---------------------------------------------------------------------------
 
@@ -577,12 +614,13 @@ class Call:
                 for p in self.participants.values() if p.conn is not None]
 
     def state_for(
-        self, p: Participant, event: str, subject: str, reason: str | None = None
+        self, p: Participant, event: str, subject: str, reason: str | None = None, last_cseq: bool = False
     ) -> dict[str, Any]:
         """The ``state`` frame as participant ``p`` sees it.
 
         ``peer_id`` is always its own; ``peer`` (present once someone else has joined) is the
         other participant: the first other one to have joined, in a call of more than two.
+        ``last_cseq``: add the highest ``cseq`` accepted from ``p`` (its own connect's state).
         """
         state: dict[str, Any] = {
             "type": "state",
@@ -600,6 +638,8 @@ class Call:
         }
         if reason is not None:
             state["reason"] = reason
+        if last_cseq:
+            state["last_cseq"] = p.cseq
         other = next((o for o in self.participants.values() if o is not p), None)
         if other is not None:
             state["peer"] = {"peer_id": other.peer_id, "identity": other.identity, "name": other.name,
@@ -618,4 +658,5 @@ _HANDLERS: dict[type, str] = {
     Identify: "_identify",
     Expire: "_expire",
     Shutdown: "_shutdown",
+    Restart: "_restart",
 }

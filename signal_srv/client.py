@@ -2,23 +2,40 @@
 
 Used by the tests, the stress tool and scripts; the reference for front-end authors.
 Every wait has a timeout.
+
+A ``Connection`` is one socket. A numbered one (``numbered=True``) puts ``cseq`` on every
+frame it sends and keeps the frames the server has not confirmed; ``resume`` carries them
+to the next socket and resends what the server's ``last_cseq`` says it did not accept.
+A ``Session`` does all of that by itself: it reconnects whenever the server closes for a
+reason that is not final (a restart, a crash, an overload), at once with jitter after a
+``server_shutdown`` that says ``reconnect``, with backoff otherwise, and moves on to the
+next node it knows when one does not answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+import random
+from collections import deque
+from typing import Any, Sequence
 from urllib.parse import urlencode
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.websocket import WebSocketClientConnection, websocket_connect
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from signal_srv.messages import to_json
 
-__all__ = ["ApiError", "Connection", "ConnectionClosed", "SignalingClient", "DEFAULT_TIMEOUT"]
+__all__ = ["ApiError", "Connection", "ConnectionClosed", "DEFAULT_TIMEOUT", "FINAL_CLOSE", "Session",
+           "SignalingClient"]
 
 DEFAULT_TIMEOUT = 10.0
+
+# Close codes after which reconnecting with the same credentials cannot help: the call
+# ended, the socket was refused (bad query, token, unknown call), replaced or misbehaved.
+FINAL_CLOSE = frozenset({1000, 1003, 1007, 1008, 1009, 4400, 4401, 4404, 4409})
+
+UNACKED_LIMIT = 10_000  # numbered frames kept for a resend; older ones are forgotten
 
 
 class ApiError(Exception):
@@ -110,15 +127,26 @@ class SignalingClient:
         return list((await self._call("GET", "/apiv2/config"))["ice_servers"])
 
     async def connect(
-        self, call_id: str, peer_id: str, token: str, *, origin: str | None = None, **query: Any
+        self, call_id: str, peer_id: str, token: str, *, origin: str | None = None, numbered: bool = False,
+        carry: Connection | None = None, **query: Any,
     ) -> Connection:
-        """Open a participant's socket. A refusal shows as a close code on the first read."""
+        """Open a participant's socket. A refusal shows as a close code on the first read.
+
+        ``numbered``: put ``cseq`` on every frame sent; the connection is returned once the
+        server's first ``state`` said which ``cseq`` it accepted last (see ``Connection``).
+        ``carry``: the participant's previous connection (see ``resume``).
+        """
         params = urlencode({"call_id": call_id, "peer_id": peer_id, "token": token, **query})
         url = self.base_url.replace("http", "ws", 1) + f"/apiv2/ws?{params}"
         headers = {"Origin": origin} if origin else {}
         ws = await asyncio.wait_for(
             websocket_connect(HTTPRequest(url, headers=headers, request_timeout=self.timeout)), self.timeout)
-        return Connection(ws, self.timeout, (call_id, peer_id, token))
+        connection = Connection(ws, self.timeout, (call_id, peer_id, token), numbered=numbered)
+        if carry is not None:
+            connection.last_seq = carry.last_seq
+        if numbered:
+            await connection.synchronize(carry)
+        return connection
 
     async def connect_as(self, credentials: dict[str, Any], **query: Any) -> Connection:
         """Connect with the answer of ``create_call`` or ``join``."""
@@ -129,45 +157,104 @@ class SignalingClient:
 
         The new connection first yields the missed frames, in order, then live ones; if the
         server can no longer replay, its first frame is an ``error`` with code ``resume_failed``
-        (renegotiate, e.g. with an ICE restart).
+        (renegotiate, e.g. with an ICE restart). A numbered ``old`` hands its unconfirmed
+        frames over: the new one resends those the server did not accept, before any other.
         """
         call_id, peer_id, token = old.credentials
-        new = await self.connect(call_id, peer_id, token, last_seq=old.last_seq)
-        new.last_seq = old.last_seq
-        return new
+        return await self.connect(call_id, peer_id, token, last_seq=old.last_seq, numbered=old.numbered, carry=old)
 
 
 class Connection:
-    """One signaling socket: send frames, receive them with a timeout."""
+    """One signaling socket: send frames, receive them with a timeout.
+
+    Numbered (``numbered=True``): every frame sent carries ``cseq``, one more than the last,
+    continuing from the ``last_cseq`` the server states on connect; frames stay in
+    ``unacked`` until a later connect's ``last_cseq`` confirms them.
+    """
 
     def __init__(
         self, ws: WebSocketClientConnection, timeout: float = DEFAULT_TIMEOUT,
-        credentials: tuple[str, str, str] = ("", "", ""),
+        credentials: tuple[str, str, str] = ("", "", ""), numbered: bool = False,
     ) -> None:
         self.ws = ws
         self.timeout = timeout
         self.credentials = credentials
+        self.numbered = numbered
         self.last_seq = -1
+        self.cseq = 0  # the last cseq used
+        self.unacked: deque[tuple[int, str]] = deque()
         self.skipped: list[dict[str, Any]] = []
+        self._early: deque[dict[str, Any]] = deque()  # frames read while synchronizing, not yet received
+        self._closed: ConnectionClosed | None = None
 
     def send(self, type: str, payload: Any = None) -> None:
         message: dict[str, Any] = {"type": type}
         if payload is not None or type != "ping":
             message["payload"] = payload
+        if self.numbered:
+            self.cseq += 1
+            message["cseq"] = self.cseq
+            text = to_json(message)
+            self.unacked.append((self.cseq, text))
+            if len(self.unacked) > UNACKED_LIMIT:
+                self.unacked.popleft()
+            if self._closed is None:
+                try:
+                    self.send_raw(text)
+                except WebSocketClosedError:
+                    pass  # kept in unacked: the next connection resends it
+            return
         self.send_raw(to_json(message))
 
     def send_raw(self, data: str | bytes) -> None:
         self.ws.write_message(data, binary=isinstance(data, bytes))
 
-    async def receive(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next frame, decoded. Raises ``ConnectionClosed`` or ``TimeoutError``."""
-        text = await asyncio.wait_for(self.ws.read_message(), timeout or self.timeout)
+    @property
+    def synchronized(self) -> bool:
+        """A numbered connection that got its connect's ``state`` (it did not close before)."""
+        return self._closed is None
+
+    async def synchronize(self, carried: Connection | None = None) -> None:
+        """Read up to this connect's own ``state`` (kept for ``receive``); then resend what it did not accept.
+
+        ``carried``: the previous connection of the same participant, whose unconfirmed
+        frames are resent here. A close before that state is kept for ``receive`` too.
+        """
+        if carried is not None:
+            self.cseq, self.unacked = carried.cseq, carried.unacked
+        peer_id = self.credentials[1]
+        while True:
+            try:
+                message = await self._read(self.timeout)
+            except ConnectionClosed as closed:
+                self._closed = closed
+                return
+            self._early.append(message)
+            if message.get("type") == "state" and message.get("subject") == peer_id and "last_cseq" in message:
+                break
+        accepted = message["last_cseq"] if isinstance(message["last_cseq"], int) else 0
+        while self.unacked and self.unacked[0][0] <= accepted:
+            self.unacked.popleft()
+        self.cseq = max(self.cseq, accepted)
+        for _, text in self.unacked:
+            self.send_raw(text)
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
+        text = await asyncio.wait_for(self.ws.read_message(), timeout)
         if text is None:
             raise ConnectionClosed(self.ws.close_code, self.ws.close_reason)
         message = dict(json.loads(text))
         if isinstance(message.get("seq"), int):
             self.last_seq = message["seq"]
         return message
+
+    async def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next frame, decoded. Raises ``ConnectionClosed`` or ``TimeoutError``."""
+        if self._early:
+            return self._early.popleft()
+        if self._closed is not None:
+            raise self._closed
+        return await self._read(timeout or self.timeout)
 
     async def wait_for(self, type: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """The next frame of ``type`` (and with ``fields``); frames skipped on the way go to ``skipped``."""
@@ -195,3 +282,110 @@ class Connection:
     def abort(self) -> None:
         """Drop the TCP connection without a close frame, like a lost network."""
         self.ws.protocol.stream.close()  # type: ignore[union-attr]
+
+
+class Session:
+    """A participant's socket that outlives a server restart, a crashed node or a dropped network.
+
+    Frames are numbered (``cseq``). When the socket closes for a reason that is not final
+    (anything but ``FINAL_CLOSE``), ``receive`` reconnects by itself with ``last_seq``, so it
+    yields every frame of the participant's stream once and in order, and the new socket
+    resends what the server did not accept. After a ``server_shutdown`` that says
+    ``reconnect`` it reconnects at once, after a random pause of up to ``restart_jitter``
+    seconds (so that a restarting node's clients do not all arrive in the same instant);
+    after other closes, with full-jitter exponential backoff (``backoff``: first and longest
+    pause). A node that cannot be reached is left for the next one in ``clients``.
+    """
+
+    def __init__(
+        self, clients: SignalingClient | Sequence[SignalingClient], credentials: dict[str, Any], *,
+        restart_jitter: float = 0.5, backoff: tuple[float, float] = (0.1, 5.0), attempts: int = 20,
+    ) -> None:
+        self.clients = [clients] if isinstance(clients, SignalingClient) else list(clients)
+        self.credentials = credentials
+        self.restart_jitter = restart_jitter
+        self.backoff = backoff
+        self.attempts = attempts
+        self.reconnects = 0
+        self.conn: Connection | None = None
+        self._node = 0
+        self._failures = 0  # reconnects in a row that gave no working socket
+        self._restarting = False  # the server announced a restart: reconnect at once
+        self._stopped = False
+
+    @property
+    def client(self) -> SignalingClient:
+        return self.clients[self._node % len(self.clients)]
+
+    async def open(self) -> Session:
+        """Connect for the first time (a refusal shows on the first ``receive``)."""
+        self.conn = await self.client.connect_as(self.credentials, numbered=True)
+        return self
+
+    def send(self, type: str, payload: Any = None) -> None:
+        """Send a numbered frame; while reconnecting it waits, and goes out first on the next socket."""
+        assert self.conn is not None
+        self.conn.send(type, payload)
+
+    async def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next frame of the stream, across reconnects. Raises ``ConnectionClosed`` on a final close."""
+        assert self.conn is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.conn.timeout)
+        while True:
+            try:
+                message = await self.conn.receive(max(deadline - loop.time(), 0.001))
+            except ConnectionClosed as closed:
+                if self._stopped or closed.code in FINAL_CLOSE:
+                    raise
+                await self._reconnect(deadline)
+                continue
+            if message.get("type") == "server_shutdown" and message.get("reconnect"):
+                self._restarting = True
+            return message
+
+    async def wait_for(self, type: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """The next frame of ``type`` (and with ``fields``), across reconnects."""
+        assert self.conn is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.conn.timeout)
+        while True:
+            message = await self.receive(max(deadline - loop.time(), 0.001))
+            if message.get("type") == type and all(message.get(k) == v for k, v in fields.items()):
+                return message
+
+    async def _reconnect(self, deadline: float) -> None:
+        """Open the next socket; its frames (and its close, if it closed at once) are read by ``receive``."""
+        assert self.conn is not None
+        loop = asyncio.get_running_loop()
+        first, longest = self.backoff
+        while True:
+            if self._failures >= self.attempts:
+                raise ConnectionClosed(None, f"gave up after {self.attempts} attempts to reconnect")
+            if self._restarting:
+                pause = random.uniform(0, self.restart_jitter)
+            else:
+                pause = random.uniform(0, min(longest, first * 2 ** self._failures))
+            self._restarting = False
+            await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
+            try:
+                conn = await self.client.resume(self.conn)
+            except (OSError, TimeoutError, HTTPClientError, WebSocketClosedError):
+                conn = None
+            if conn is not None:
+                self.conn = conn  # even if it closed at once: the frames it read before are the stream's
+            if conn is None or not conn.synchronized:
+                self._failures += 1
+                self._node += 1  # that node does not serve the call now: try the next one
+                if conn is None:
+                    continue
+                return
+            self._failures = 0
+            self.reconnects += 1
+            return
+
+    def close(self) -> None:
+        """Close for good (no reconnect)."""
+        self._stopped = True
+        if self.conn is not None:
+            self.conn.close(1000, "bye")

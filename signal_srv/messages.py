@@ -17,6 +17,7 @@ from typing import Any
 from signal_srv.errors import BadMessage, UnknownType
 
 __all__ = [
+    "MAX_CSEQ",
     "RELAY_TYPES",
     "RELAY_OVERHEAD",
     "Ping",
@@ -41,6 +42,10 @@ RELAY_TYPES = frozenset({"offer", "answer", "candidate", "bye", "message"})
 # so that a relayed frame still fits the peer's max_message_size.
 RELAY_OVERHEAD = 256
 
+# The largest cseq a client may send: every JSON parser reads integers up to 2**53 - 1 exactly.
+MAX_CSEQ = 2**53 - 1
+MAX_CSEQ_DIGITS = len(str(MAX_CSEQ))
+
 # More digits than any count, length or seq the server takes: longer numbers are refused
 # before int() sees them (over 4300 digits it raises, and long before that it is slow).
 MAX_DIGITS = 18
@@ -53,16 +58,20 @@ class Relay:
     """A message to pass on, untouched, to the other participant of the call.
 
     ``payload_json`` is the payload's JSON text exactly as the sender wrote it (validated):
-    relaying it costs a copy, not a second encode.
+    relaying it costs a copy, not a second encode. ``cseq``: the sender's number for this
+    frame, if it numbers them (see ``Call``).
     """
 
     type: str
     payload_json: str
+    cseq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Ping:
     """An application-level ping, for clients that cannot see protocol pings."""
+
+    cseq: int | None = None
 
 
 def _reject_constant(name: str) -> Any:
@@ -131,14 +140,24 @@ def parse(text: str, max_size: int) -> Relay | Ping:
         raise BadMessage("'type' is missing")
     if not isinstance(kind, str):
         raise BadMessage("'type' must be a string")
+    cseq = _cseq(members["cseq"][0]) if "cseq" in members else None
     if kind in RELAY_TYPES:
         if "payload" not in members:
             raise BadMessage(f"'payload' is missing from {kind!r}")
         _, start, end = members["payload"]
-        return Relay(kind, text[start:end])
+        return Relay(kind, text[start:end], cseq)
     if kind == "ping":
-        return Ping()
+        return Ping(cseq)
     raise UnknownType(f"unknown type {kind[:40]!r}; expected one of ping, {', '.join(sorted(RELAY_TYPES))}")
+
+
+def _cseq(value: Any) -> int | None:
+    """The frame's ``cseq``: null, or a whole number from 0 to ``MAX_CSEQ``."""
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_CSEQ:
+        raise BadMessage(f"'cseq' must be a whole number from 0 to {MAX_CSEQ}")
+    return value
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -171,12 +190,14 @@ def _object_members(text: str) -> dict[str, tuple[Any, int, int]]:
 
 _TYPE_START = '{"type":"'
 _PAYLOAD_KEY = '","payload":'
+_CSEQ_KEY = ',"cseq":'
 
 
 def _compact_relay(text: str) -> Relay | None:
-    """``text`` as a ``Relay`` if it is exactly ``{"type":"<relay type>","payload":<value>}``, the
-    form browsers' ``JSON.stringify`` and our client write; else None, and ``parse`` takes the
-    general path. It accepts nothing the general path refuses, and fails the way it does."""
+    """``text`` as a ``Relay`` if it is exactly ``{"type":"<relay type>","payload":<value>}``, or that
+    with ``,"cseq":<digits>`` before the closing brace, the forms browsers' ``JSON.stringify`` and
+    our client write; else None, and ``parse`` takes the general path. It accepts nothing the
+    general path refuses, and fails the way it does."""
     if not text.startswith(_TYPE_START):
         return None
     quote = text.find('"', len(_TYPE_START))
@@ -190,11 +211,18 @@ def _compact_relay(text: str) -> Relay | None:
         raise BadMessage("JSON nested too deeply") from None
     except (ValueError, StopIteration):
         return None  # the general path says what is wrong
-    if end != len(text) - 1 or text[end] != "}":
+    cseq = None
+    if text.startswith(_CSEQ_KEY, end):
+        digits = text[end + len(_CSEQ_KEY):-1]
+        if not (text.endswith("}") and is_decimal(digits) and len(digits) <= MAX_CSEQ_DIGITS
+                and (digits == "0" or digits[0] != "0")):
+            return None  # the general path says what is wrong
+        cseq = _cseq(int(digits))
+    elif end != len(text) - 1 or text[end] != "}":
         return None
     if _SURROGATE_ESCAPE.search(text, start):
         _check_unicode(value)
-    return Relay(kind, text[start:end])
+    return Relay(kind, text[start:end], cseq)
 
 
 def _skip_space(text: str, i: int) -> int:
@@ -276,5 +304,6 @@ def call_ended(call_id: str, reason: str) -> dict[str, Any]:
     return {"type": "call_ended", "call_id": call_id, "reason": reason}
 
 
-def server_shutdown() -> dict[str, Any]:
-    return {"type": "server_shutdown"}
+def server_shutdown(reconnect: bool = False) -> dict[str, Any]:
+    """The farewell of a stopping server; ``reconnect``: the call goes on elsewhere, reconnect at once."""
+    return {"type": "server_shutdown", "reconnect": True} if reconnect else {"type": "server_shutdown"}

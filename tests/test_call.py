@@ -25,6 +25,7 @@ from signal_srv.call import (
     Leave,
     Receive,
     Remove,
+    Restart,
     Send,
     Shutdown,
     Status,
@@ -66,7 +67,7 @@ def sends(effects: list, conn: int) -> list[dict]:
 
 ALL_EVENTS = [
     Join("new", "tn"), Leave("t0"), End("t0"), End(None), Remove("p0"), Connect("p0", "t0", 1), Disconnect(1),
-    Receive(1, Ping()), Identify("t0"), Expire(), Shutdown(),
+    Receive(1, Ping()), Identify("t0"), Expire(), Shutdown(), Restart(),
 ]
 
 
@@ -158,12 +159,13 @@ def test_connect_sends_state_to_every_connected_participant() -> None:
     first = call.handle(Connect("p0", "t0", 10), 1.0)
     assert sends(first, 10) == [{
         "type": "state", "call_id": "c1", "status": "active", "peer_id": "p0", "polite": False,
-        "participants": {"count": 2, "connected": 1, "max": 2}, "event": "connected", "subject": "p0", "seq": 0,
-        "peer": {"peer_id": "p1", "identity": None, "name": None, "connected": False},
+        "participants": {"count": 2, "connected": 1, "max": 2}, "event": "connected", "subject": "p0",
+        "last_cseq": None, "seq": 0, "peer": {"peer_id": "p1", "identity": None, "name": None, "connected": False},
     }]
     second = call.handle(Connect("p1", "t1", 11), 1.0)
     assert [m["peer_id"] for m in sends(second, 10)] == ["p0"]
     assert [m["peer_id"] for m in sends(second, 11)] == ["p1"]
+    assert "last_cseq" not in sends(second, 10)[0] and sends(second, 11)[0]["last_cseq"] is None
     assert all(m["subject"] == "p1" and m["participants"]["connected"] == 2 for m in sends(second, 10) + sends(second, 11))
 
 
@@ -497,3 +499,56 @@ def test_an_administrators_end_needs_no_peer_token() -> None:
     call = make_call(2)
     effects = call.handle(End(None), 1.0)
     assert effects[-1] == StatusChanged(Status.ACTIVE, Status.ENDED, "ended")
+
+
+def numbered(kind: str, payload: object, cseq: int) -> Relay:
+    return Relay(kind, to_json(payload), cseq)
+
+
+def test_a_frame_whose_cseq_was_accepted_is_dropped_and_last_cseq_says_how_far() -> None:
+    call = connected_pair()
+    for cseq in (1, 2, 3):
+        assert sends(call.handle(Receive(10, numbered("candidate", cseq, cseq)), 2.0), 11)
+    call.handle(Disconnect(10), 3.0)
+    state = sends(call.handle(Connect("p0", "t0", 12), 4.0), 12)[0]
+    assert (state["event"], state["subject"], state["last_cseq"]) == ("connected", "p0", 3)
+    for cseq in (2, 3):  # resent after the reconnect: accepted before, so dropped
+        assert call.handle(Receive(12, numbered("candidate", cseq, cseq)), 5.0) == []
+    relayed = sends(call.handle(Receive(12, numbered("candidate", 4, 4)), 5.0), 11)
+    assert [m["payload"] for m in relayed] == [4] and "cseq" not in relayed[0]
+    assert call.participant("p0").cseq == 4 and call.participant("p1").cseq is None
+
+
+def test_frames_without_cseq_are_never_dropped_and_a_refused_frame_is_not_accepted() -> None:
+    call = connected_pair()
+    call.handle(Receive(10, numbered("message", "a", 5)), 2.0)
+    assert sends(call.handle(Receive(10, relay("message", "b")), 2.0), 11)  # no cseq: as ever
+    assert call.participant("p0").cseq == 5
+    lone = make_call(1)
+    lone.handle(Connect("p0", "t0", 10), 1.0)
+    with pytest.raises(NoPeer):
+        lone.handle(Receive(10, numbered("offer", "o", 1)), 2.0)
+    assert lone.participant("p0").cseq is None
+    assert sends(lone.handle(Receive(10, Ping(1)), 2.0), 10)[0]["type"] == "pong"
+    assert lone.handle(Receive(10, Ping(1)), 2.0) == []
+
+
+def test_restart_tells_every_socket_to_reconnect_and_keeps_the_call() -> None:
+    call = connected_pair()
+    effects = call.handle(Restart(), 2.0)
+    assert sends(effects, 10) == [{"type": "server_shutdown", "reconnect": True, "seq": 2}]
+    assert sends(effects, 11) == [{"type": "server_shutdown", "reconnect": True, "seq": 1}]
+    assert Close(10, 1012, "server restart") in effects and Close(11, 1012, "server restart") in effects
+    assert call.status is Status.ACTIVE and call.connected == 0
+    assert [p.away_since for p in call.participants.values()] == [2.0, 2.0]
+    resumed = sends(call.handle(Connect("p1", "t1", 12, last_seq=0), 3.0), 12)
+    assert [(m["type"], m["seq"]) for m in resumed] == [("server_shutdown", 1), ("state", 2)]
+
+
+def test_restart_of_one_socket_tells_the_other_participant_it_disconnected() -> None:
+    call = connected_pair()
+    effects = call.handle(Restart(11), 2.0)
+    assert [m["type"] for m in sends(effects, 11)] == ["server_shutdown"]
+    state = sends(effects, 10)[0]
+    assert (state["event"], state["subject"], state["participants"]["connected"]) == ("disconnected", "p1", 1)
+    assert call.handle(Restart(99), 2.0) == []

@@ -53,6 +53,40 @@ async def test_a_reconnect_inside_the_departure_window_keeps_the_slot(client: Si
     assert (await client.get_call(pair.call_id))["participants"]["count"] == 2
 
 
+async def test_numbered_frames_survive_a_cut_once_each_and_in_order(client: SignalingClient) -> None:
+    pair = await make_pair(client)
+    a = await client.connect_as(pair.host, numbered=True)  # replaces the pair's first socket
+    await pair.b.wait_for("state", event="connected", subject=pair.host["peer_id"])
+    for i in range(3):
+        a.send("candidate", {"i": i})
+    assert [(await pair.b.wait_for("candidate"))["payload"]["i"] for _ in range(3)] == [0, 1, 2]
+    a.abort()
+    await pair.b.wait_for("state", event="disconnected")
+    a.send("candidate", {"i": 3})  # while cut off: kept, and sent first on the next socket
+    resumed = await client.resume(a)
+    state = await resumed.wait_for("state", subject=pair.host["peer_id"], event="connected")
+    assert state["last_cseq"] == 3  # the frames before the cut were accepted: not resent
+    resumed.send("candidate", {"i": 4})
+    assert [(await pair.b.wait_for("candidate"))["payload"]["i"] for _ in range(2)] == [3, 4]
+    resumed.send_raw(json.dumps({"type": "candidate", "payload": {"i": 2}, "cseq": 3}))  # a stale resend
+    resumed.send("message", "after")
+    assert (await pair.b.wait_for("message"))["payload"] == "after"
+    assert not [m for m in pair.b.skipped if m.get("type") == "candidate"]
+
+
+async def test_a_fresh_numbered_client_continues_after_the_servers_last_cseq(client: SignalingClient) -> None:
+    pair = await make_pair(client)
+    first = await client.connect_as(pair.host, numbered=True)
+    first.send("message", "one")
+    assert (await pair.b.wait_for("message"))["payload"] == "one"
+    first.close()
+    await pair.b.wait_for("state", event="disconnected")
+    second = await client.connect_as(pair.host, numbered=True)  # knows nothing of the first one's numbers
+    assert second.cseq == 1
+    second.send("message", "two")
+    assert (await pair.b.wait_for("message"))["payload"] == "two"
+
+
 @pytest.mark.settings(max_call_duration=0.3)
 async def test_max_call_duration_ends_a_live_call(client: SignalingClient) -> None:
     pair = await make_pair(client)

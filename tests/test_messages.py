@@ -8,7 +8,7 @@ import re
 import pytest
 
 from signal_srv.errors import BadMessage, UnknownType
-from signal_srv.messages import RELAY_TYPES, Ping, Relay, loads, parse, relayed, to_json, with_seq
+from signal_srv.messages import MAX_CSEQ, RELAY_TYPES, Ping, Relay, loads, parse, relayed, to_json, with_seq
 
 SIZE = 65536
 
@@ -58,6 +58,39 @@ def test_a_compact_frame_is_refused_as_its_spaced_form_is(payload: str) -> None:
 
 def test_ping_parses() -> None:
     assert parse('{"type": "ping"}', SIZE) == Ping()
+
+
+def test_cseq_is_read_from_relays_and_pings() -> None:
+    assert parse('{"type": "offer", "payload": 1, "cseq": 7}', SIZE) == Relay("offer", "1", 7)
+    assert parse('{"type": "ping", "cseq": 0}', SIZE) == Ping(0)
+    assert parse(f'{{"type": "ping", "cseq": {MAX_CSEQ}}}', SIZE) == Ping(MAX_CSEQ)
+    assert parse('{"type": "bye", "payload": null, "cseq": null}', SIZE) == Relay("bye", "null")
+
+
+def test_the_compact_form_with_cseq_parses_as_the_general_one() -> None:
+    for text in ('{"type":"candidate","payload":{"a":[1,2]},"cseq":12}', '{"type":"offer","payload":"x","cseq":0}',
+                 '{"type":"bye","payload":null,"cseq":null}', '{"type":"message","payload":1,"cseq":007}',
+                 '{"type":"message","payload":1,"cseq":-3}'):
+        try:
+            fast = parse(text, SIZE)
+        except BadMessage as exc:
+            fast = exc  # type: ignore[assignment]
+        try:
+            general = parse(text.replace(":", ": "), SIZE)
+        except BadMessage as exc:
+            general = exc  # type: ignore[assignment]
+        assert type(fast) is type(general), text
+        if isinstance(fast, Relay) and isinstance(general, Relay):
+            assert (fast.type, json.loads(fast.payload_json), fast.cseq) == (
+                general.type, json.loads(general.payload_json), general.cseq), text
+    assert parse('{"type":"candidate","payload":{"a":1},"cseq":12}', SIZE) == Relay("candidate", '{"a":1}', 12)
+
+
+@pytest.mark.parametrize("cseq", ["-1", "1.5", "true", '"3"', "[1]", str(MAX_CSEQ + 1)])
+def test_a_cseq_that_is_not_a_whole_number_in_range_is_a_bad_message(cseq: str) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse(f'{{"type": "message", "payload": 1, "cseq": {cseq}}}', SIZE)
+    assert "'cseq' must be a whole number" in str(info.value)
 
 
 @pytest.mark.parametrize(("text", "error", "message"), [

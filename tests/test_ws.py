@@ -99,7 +99,7 @@ async def test_state_carries_call_id_and_counts_and_reaches_only_that_call(clien
     assert first == {
         "type": "state", "call_id": host["call_id"], "status": "waiting", "peer_id": host["peer_id"],
         "polite": False, "participants": {"count": 1, "connected": 1, "max": 2},
-        "event": "connected", "subject": host["peer_id"], "seq": 0,
+        "event": "connected", "subject": host["peer_id"], "last_cseq": None, "seq": 0,
     }
     guest = await client.join(host["call_id"])
     joined = await a.receive()

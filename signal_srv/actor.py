@@ -9,6 +9,12 @@ One shortcut keeps that order: a frame (``Receive``) told to an actor whose loop
 an empty inbox is handled at once, on the teller's stack, by the same code the loop runs.
 It is the envelope the loop would take next, nothing can come between, and it spares each
 relayed frame a trip through the queue and a task switch.
+
+With a ``Journal`` (a cluster node), the effects of an accepted event (frames, closes,
+the answer to a request) are carried out only once the journal has the event in Redis:
+write-ahead, so that another node can carry the call on exactly where a dead owner left
+it. The loop does not wait for that; it goes on deciding, and the journal releases the
+decisions in order.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, cast
+from typing import Any, Awaitable, Callable, Protocol, cast
 
 from tornado.queues import Queue, QueueFull
 
 from signal_srv import messages
 from signal_srv.call import (
+    SERVICE_RESTART,
     Call,
     Close,
     Connect,
@@ -38,17 +45,18 @@ from signal_srv.call import (
     Notify,
     Receive,
     Remove,
+    Restart,
     Send,
     Shutdown,
     Status,
     StatusChanged,
 )
-from signal_srv.errors import CallBusy, CallEnded, SignalError
+from signal_srv.errors import CallBusy, CallEnded, CallMoved, SignalError
 from signal_srv.messages import Relay
 from signal_srv.metrics import Metrics
 from signal_srv.snapshot import call_to_dict
 
-__all__ = ["CallActor", "CallSummary", "Envelope", "Joined", "Socket", "iso_time"]
+__all__ = ["CallActor", "CallSummary", "Envelope", "Joined", "Journal", "Socket", "iso_time"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +77,25 @@ class Socket(Protocol):
     def abort(self) -> None: ...
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+class Journal(Protocol):
+    """What the actor needs of a write-ahead log (see ``signal_srv.cluster.log``).
+
+    ``done(ok)`` runs once Redis has what was logged (``ok``), or refused it because another
+    node owns the call now (not ``ok``: nothing of that decision may be carried out).
+    """
+
+    def record(self, actor: CallActor, event: Event, now: float, done: Callable[[bool], None]) -> None: ...
+
+    def after(self, actor: CallActor, done: Callable[[bool], None]) -> None: ...
+
+    def settled(self, actor: CallActor) -> Awaitable[None]: ...
+
+    def room(self) -> Awaitable[Any] | None: ...
+
+    @property
+    def full(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -157,8 +184,10 @@ class CallActor:
         metrics: Metrics | None = None,
         on_notify: Callable[[CallActor, Notify], None] | None = None,
         created_at: str | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.call = call
+        self.journal = journal
         self._on_notify = on_notify
         self._metrics = metrics if metrics is not None else Metrics()
         self.call_id = call.call_id
@@ -180,6 +209,7 @@ class CallActor:
         self._handling_now = False
         self._failure: Exception | None = None  # a frame handled on a teller's stack crashed the call
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.finished_deciding: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.log = logging.LoggerAdapter(logger, {"call_id": self.call_id})
         self._token_holders: dict[bytes, str] = {}
         self._publish_tokens()  # an adopted call comes with its participants
@@ -278,13 +308,25 @@ class CallActor:
         return reply
 
     async def describe(self, timeout: float, peers: bool = False) -> CallSummary:
-        """The call's summary (``CallRef``'s way to read it wherever the call runs)."""
+        """The call's summary (``CallRef``'s way to read it wherever the call runs).
+
+        With a journal, answered once everything it reflects is in Redis.
+        """
         self._check_alive()
-        return self.summary(peers)
+        summary = self.summary(peers)
+        if self.journal is not None:
+            logged: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self.journal.after(self, logged.set_result)
+            try:
+                if not await asyncio.wait_for(logged, timeout):
+                    raise CallMoved()
+            except TimeoutError:
+                raise CallBusy("the call did not answer in time") from None
+        return summary
 
     def _check_alive(self) -> None:
         if not self._alive:
-            raise CallEnded()
+            raise CallMoved() if self._released is not None else CallEnded()
 
     def _idle(self) -> bool:
         """True while the loop waits on an empty inbox and nothing is on its way to it.
@@ -293,7 +335,8 @@ class CallActor:
         resolved, and everything goes through the inbox until the loop waits again.
         """
         getter = self._getter
-        return getter is not None and not getter.done() and not self._handling_now
+        return (getter is not None and not getter.done() and not self._handling_now
+                and (self.journal is None or not self.journal.full))
 
     def _handle_now(self, envelope: Envelope) -> None:
         """Process ``envelope`` as the loop would; a crash ends the call from the loop, as there."""
@@ -316,18 +359,26 @@ class CallActor:
         crashed = False
         try:
             while self.call.status is not Status.ENDED:
+                if self.journal is not None:
+                    full = self.journal.room()
+                    if full is not None:
+                        await full  # Redis has not confirmed enough of what was logged: decide no more for now
                 envelope = await self._next()
                 if self._failure is not None:
                     raise self._failure
                 if self._released is not None:
-                    if envelope is not None and envelope.reply is not None and not envelope.reply.done():
-                        envelope.reply.set_exception(CallEnded())
+                    if envelope is not None:
+                        self._unhandled -= 1
+                        self._refuse_moved(envelope)
                     break
                 if envelope is None:
                     self._on_timer()
                 else:
                     self._unhandled -= 1
                     self._process(envelope)
+            self.finished_deciding.set_result(None)
+            if self.journal is not None:
+                await self.journal.settled(self)  # the last decisions are carried out before the sockets close
         except Exception:
             crashed = True
             self.log.exception("call %s crashed; ending it", self.call_id)
@@ -406,11 +457,16 @@ class CallActor:
 
     def _process(self, envelope: Envelope) -> None:
         event = envelope.event
+        now = time.monotonic()
         try:
-            effects = self.call.handle(event, time.monotonic())
+            effects = self.call.handle(event, now)
         except SignalError as exc:
             self.log.debug("refused %s: %s", type(event).__name__, exc.code)
-            self._refuse(envelope, exc)
+            if self.journal is None:
+                self._refuse(envelope, exc)
+            else:  # a refusal too rests on what was decided before: answer once that is in Redis
+                refusal = exc
+                self.journal.after(self, lambda ok: self._refuse(envelope, refusal if ok else CallMoved()))
             return
         if type(event) is Receive and type(event.message) is Relay:
             self._metrics.relayed[event.message.type] += 1
@@ -420,9 +476,24 @@ class CallActor:
             self._sockets[event.conn] = envelope.socket
         elif isinstance(event, Disconnect):
             self._sockets.pop(event.conn, None)
-        if envelope.reply is not None and not envelope.reply.done():
-            envelope.reply.set_result(self._result(event))
-        self._carry_out(effects)
+        result = self._result(event) if envelope.reply is not None else None
+        if self.journal is None:
+            self._decided(envelope, result, effects, True)
+        else:
+            self.journal.record(self, event, now, lambda ok: self._decided(envelope, result, effects, ok))
+        if type(event) is Restart and event.conn is None:
+            self.relinquish(SERVICE_RESTART, "server restart")
+
+    def _decided(self, envelope: Envelope, result: Any, effects: list[Effect], ok: bool) -> None:
+        """Carry out a decision (``ok``), or drop it: refused, it never happened (another node owns the call)."""
+        reply = envelope.reply
+        if reply is not None and not reply.done():
+            if ok:
+                reply.set_result(result)
+            else:
+                reply.set_exception(CallMoved())
+        if ok:
+            self._carry_out(effects)
 
     def _result(self, event: Event) -> CallSummary | Joined | str:
         if isinstance(event, Identify):
@@ -432,6 +503,13 @@ class CallActor:
             joiner = self.call.participant(event.peer_id)
             return Joined(joiner.role, joiner.polite, summary)
         return summary
+
+    def _refuse_moved(self, envelope: Envelope) -> None:
+        """An envelope for a call that left this node: ask the sender to find it where it lives now."""
+        if envelope.reply is not None and not envelope.reply.done():
+            envelope.reply.set_exception(CallMoved())
+        elif envelope.reply is None and envelope.socket is not None and isinstance(envelope.event, Connect):
+            envelope.socket.close(*(self._released or (SERVICE_RESTART, "call moved")))
 
     def _refuse(self, envelope: Envelope, exc: SignalError) -> None:
         if envelope.reply is not None:
@@ -474,6 +552,8 @@ class CallActor:
 
     def _teardown(self, crashed: bool) -> None:
         self._alive = False
+        if not self.finished_deciding.done():
+            self.finished_deciding.set_result(None)
         self.call.drop_held()
         if self._timer is not None:
             self._timer.cancel()
@@ -490,6 +570,9 @@ class CallActor:
                 self._on_status(self, StatusChanged(old, Status.ENDED, "error"))
         while self._queue.qsize():
             envelope = self._queue.get_nowait()
+            if self._released is not None:
+                self._refuse_moved(envelope)
+                continue
             if envelope.reply is not None and not envelope.reply.done():
                 envelope.reply.set_exception(CallEnded())
             if envelope.socket is not None and isinstance(envelope.event, Connect):
@@ -500,14 +583,15 @@ class CallActor:
         self._sockets.clear()
         self.finished.set_result(None)
 
-    def hand_over(self) -> dict[str, Any] | None:
+    def hand_over(self, settled: bool = True) -> dict[str, Any] | None:
         """The call as data for its new owner, and stop; None (and nothing changes) unless it is idle.
 
         Idle: alive, nothing queued and no socket attached, so nothing is in flight and
-        there is no one to tell. Runs between two envelopes, like ``summary``.
+        there is no one to tell; ``settled``: the journal, if any, waits for nothing of it.
+        Runs between two envelopes, like ``summary``.
         """
         # _unhandled, not the queue's size: an envelope handed straight to the waiting loop is in neither.
-        if not self._alive or self._unhandled or self._sockets or self.call.connected:
+        if not self._alive or not settled or self._unhandled or self._sockets or self.call.connected:
             return None
         data = call_to_dict(self.call, time.monotonic(), time.time())
         data["created_at"] = self.created_at
@@ -537,3 +621,12 @@ class CallActor:
         if self._alive:
             await self._queue.put(Envelope(Shutdown()))
             self._unhandled += 1
+
+    async def restart(self) -> None:
+        """Stop here without ending the call, which another node carries on: every socket gets
+        ``server_shutdown`` with ``reconnect`` and 1012. Returns once the loop has decided that
+        (what it decides is carried out as the journal releases it)."""
+        if self._alive:
+            await self._queue.put(Envelope(Restart()))
+            self._unhandled += 1
+            await asyncio.shield(self.finished_deciding)

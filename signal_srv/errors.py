@@ -24,6 +24,7 @@
     ├── CallBusy (503 call_busy)
     ├── ShuttingDown (503 shutting_down)
     └── Unavailable (503 unavailable)
+        └── CallMoved (503 unavailable: the call went to another node meanwhile)
 
 ``ConfigError`` is separate: it only happens at start-up.
 """
@@ -37,6 +38,7 @@ __all__ = [
     "CallBusy",
     "CallEnded",
     "CallFull",
+    "CallMoved",
     "CallNotFound",
     "Capacity",
     "ConfigError",
@@ -186,6 +188,15 @@ class Unavailable(SignalError):
     """A shared service the request needs (the cluster's Redis) cannot be reached right now."""
 
     status, code, default_message = 503, "unavailable", "the cluster's shared store is unreachable; try again"
+
+
+class CallMoved(Unavailable):
+    """The call went to another node while the request was handled here; nothing of it was done.
+
+    The socket edge looks the call up again; a REST client retries (``Retry-After``).
+    """
+
+    default_message = "the call moved to another node meanwhile; try again"
 
 
 class ConfigError(Exception):

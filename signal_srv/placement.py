@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from signal_srv.call import Event, Status
 from signal_srv.errors import CallNotFound
 
 if TYPE_CHECKING:
-    from signal_srv.actor import CallActor, CallSummary, Socket
+    from signal_srv.actor import CallActor, CallSummary, Journal, Socket
     from signal_srv.config import Config
     from signal_srv.metrics import Metrics
     from signal_srv.registry import Registry
@@ -52,6 +52,14 @@ class Placement(Protocol):
 
     node_id: str
 
+    @property
+    def journal(self) -> Journal | None:
+        """Where the calls held here log what they decide (None: nowhere)."""
+
+    @property
+    def keeps_calls(self) -> bool:
+        """True: calls outlive this process (a graceful stop hands them over)."""
+
     def attach(self, registry: Registry) -> None:
         """Called once by the registry whose calls this placement publishes."""
 
@@ -68,6 +76,9 @@ class Placement(Protocol):
     async def locate(self, call_id: str) -> CallRef:
         """A call not held by this process. Raises ``CallNotFound`` or ``Unavailable``."""
 
+    def begin(self, actor: CallActor) -> None:
+        """A call was created here (its actor exists, its loop has not run yet)."""
+
     def changed(self, actor: CallActor) -> None:
         """A call held here changed status or participants."""
 
@@ -83,9 +94,15 @@ class Placement(Protocol):
     def health(self) -> dict[str, Any]:
         """Fields for ``/healthz``."""
 
+    async def hand_off(self, restart: Callable[[], Awaitable[None]]) -> None:
+        """Graceful stop of a node whose calls go on elsewhere; ``restart`` stops every call here."""
+
 
 class LocalPlacement:
     """One process: every call lives here, so nothing needs publishing."""
+
+    journal = None
+    keeps_calls = False
 
     def __init__(self, node_id: str = "") -> None:
         self.node_id = node_id or new_node_id()
@@ -109,6 +126,9 @@ class LocalPlacement:
     async def locate(self, call_id: str) -> CallRef:
         raise CallNotFound()
 
+    def begin(self, actor: CallActor) -> None:
+        pass
+
     def changed(self, actor: CallActor) -> None:
         pass
 
@@ -124,6 +144,9 @@ class LocalPlacement:
 
     def health(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "redis": "none"}
+
+    async def hand_off(self, restart: Callable[[], Awaitable[None]]) -> None:
+        raise NotImplementedError("one process keeps no call beyond its life")
 
 
 def make_placement(config: Config, metrics: Metrics) -> Placement:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Iterator
 
 from signal_srv.actor import CallActor, CallSummary, Joined
 from signal_srv.call import Call, CallRules, Expire, HeldBudget, Notify, Status, StatusChanged
-from signal_srv.errors import CallEnded, CallNotFound, Capacity, ShuttingDown
+from signal_srv.errors import CallEnded, CallMoved, CallNotFound, Capacity, ShuttingDown
 from signal_srv.metrics import Metrics
 from signal_srv.placement import CallRef, LocalPlacement, Placement
 from signal_srv.snapshot import call_from_dict
@@ -121,7 +121,9 @@ class Registry:
         call_id = new_id()
         await self.placement.claim(call_id)
         created = self.create(identity, name, call_id=call_id)
-        await self.placement.flush()  # listed everywhere before its creator hears of it
+        await self.placement.flush()  # listed everywhere (and, in a cluster, written whole) before its creator hears of it
+        if not created.actor.alive:
+            raise CallMoved()  # another node took it over meanwhile: this one may not hand it out
         return created
 
     def create(self, identity: str | None = None, name: str | None = None, call_id: str | None = None) -> Created:
@@ -143,6 +145,7 @@ class Registry:
         self._run(actor)
         self._created += 1
         actor.log.info("call %s created", call_id)
+        self.placement.begin(actor)
         self.placement.changed(actor)
         if self.webhooks is not None:
             self.webhooks.start()
@@ -151,17 +154,22 @@ class Registry:
 
     def adopt(self, data: dict[str, Any]) -> CallActor:
         """Carry on a call another process handed over (see ``CallActor.hand_over``)."""
-        call = call_from_dict(data, self.rules, self.held, time.monotonic(), time.time())
-        actor = self._actor_for(call, data["created_at"])
+        actor = self.carry_on(call_from_dict(data, self.rules, self.held, time.monotonic(), time.time()),
+                              data["created_at"])
+        actor.log.info("call %s moved here", actor.call_id)
+        return actor
+
+    def carry_on(self, call: Call, created_at: str) -> CallActor:
+        """Run a call that another process held until now (moved here, or taken over from a dead node)."""
+        actor = self._actor_for(call, created_at)
         self._run(actor)
-        actor.log.info("call %s moved here", call.call_id)
         self.placement.changed(actor)
         return actor
 
-    def hand_over(self, call_id: str) -> dict[str, Any] | None:
+    def hand_over(self, call_id: str, settled: bool = True) -> dict[str, Any] | None:
         """The call as data for another process, which owns it from now on; None unless it is idle here."""
         actor = self._actors.get(call_id)
-        data = actor.hand_over() if actor is not None else None
+        data = actor.hand_over(settled) if actor is not None else None
         if actor is not None and data is not None:
             self._forget(actor, publish=False)
             actor.log.info("call %s handed over", call_id)
@@ -171,7 +179,7 @@ class Registry:
         return CallActor(
             call, order=next(self._counter), mailbox_size=self.mailbox_size, on_status=self._status_changed,
             heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
-            metrics=self.metrics, on_notify=self._notify, created_at=created_at,
+            metrics=self.metrics, on_notify=self._notify, created_at=created_at, journal=self.placement.journal,
         )
 
     def _run(self, actor: CallActor) -> None:
@@ -324,7 +332,7 @@ class Registry:
                 if actor.overdue(now):
                     try:
                         told += actor.tell(Expire())
-                    except CallEnded:
+                    except (CallEnded, CallMoved):
                         pass
             await asyncio.sleep(0)
         self._sweeps += 1
@@ -336,12 +344,15 @@ class Registry:
         return max((a.inbox_depth for a in self._actors.values()), default=0)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """End every call (sockets get ``server_shutdown`` and 1001) and wait for the actors."""
+        """Stop, and wait for the actors: end every call (sockets get ``server_shutdown`` and 1001), or,
+        where the placement keeps calls beyond this process (a cluster), hand them over."""
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        actors = list(self._actors.values())
-        await asyncio.gather(*(a.shutdown() for a in actors), return_exceptions=True)
+        if self.placement.keeps_calls:
+            await self.placement.hand_off(self._restart_all)
+        else:
+            await asyncio.gather(*(a.shutdown() for a in list(self._actors.values())), return_exceptions=True)
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
             for task in pending:
@@ -349,6 +360,14 @@ class Registry:
         if self.webhooks is not None:
             await self.webhooks.close(timeout)
         await self.placement.close()
+
+    async def _restart_all(self) -> None:
+        """Every call stops here without ending (sockets get ``server_shutdown`` with ``reconnect``, 1012)."""
+        actors = list(self._actors.values())
+        await asyncio.gather(*(a.restart() for a in actors), return_exceptions=True)
+        for actor in actors:
+            self._forget(actor, publish=False)
+        logger.info("%d calls handed over", len(actors))
 
     def statistics(self) -> Statistics:
         return Statistics(

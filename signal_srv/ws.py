@@ -24,7 +24,16 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketP
 from signal_srv import messages
 from signal_srv.call import Connect, Disconnect, Receive
 from signal_srv.config import Config
-from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unauthorized, Unavailable
+from signal_srv.errors import (
+    CallBusy,
+    CallEnded,
+    CallMoved,
+    CallNotFound,
+    ShuttingDown,
+    SignalError,
+    Unauthorized,
+    Unavailable,
+)
 from signal_srv.headers import add_security_headers
 from signal_srv.hosts import host_allowed
 from signal_srv.limits import Budget, Limits
@@ -44,11 +53,15 @@ POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 BAD_QUERY = 4400
+SERVICE_RESTART = 1012
 UNAUTHORIZED = 4401
 CALL_NOT_FOUND = 4404
 
 # Frames refused by the rate limit, in a row, before the socket is closed with 1008.
 RATE_STRIKES = 10
+
+# Times a connect looks its call up again because the call moved to another node meanwhile.
+MOVE_RETRIES = 3
 
 
 def _drop_unstarted_frames(stream: IOStream) -> int:
@@ -161,21 +174,32 @@ class SignalingSocket(WebSocketHandler):
             return
         if not self._check_in(call_id, peer_id):
             return
-        try:
-            # Set before the await, so a close that races the join still reaches the actor.
-            self._actor = actor
-            await actor.ask(Connect(peer_id, token, self.conn, resume_from), self.config.ask_timeout, socket=self)
-        except CallNotFound:
-            self._refuse(CALL_NOT_FOUND, "call_not_found")
-        except Unauthorized:
-            self._actor = None
-            self._refuse_unauthorized()
-        except CallBusy:
-            self._refuse(TRY_AGAIN_LATER, "call_busy")
-        except Unavailable:
-            self._refuse(TRY_AGAIN_LATER, "unavailable")
-        else:
-            logger.info("socket of %s joined call %s", peer_id, call_id)
+        for attempt in range(MOVE_RETRIES):
+            if attempt:  # the call moved to another node meanwhile: look it up where it lives now
+                found = await self._find(call_id)
+                if found is None:
+                    return
+                actor = found
+            try:
+                # Set before the await, so a close that races the join still reaches the actor.
+                self._actor = actor
+                await actor.ask(Connect(peer_id, token, self.conn, resume_from), self.config.ask_timeout, socket=self)
+            except CallMoved:
+                self._actor = None  # not attached
+                continue
+            except CallNotFound:
+                self._refuse(CALL_NOT_FOUND, "call_not_found")
+            except Unauthorized:
+                self._actor = None
+                self._refuse_unauthorized()
+            except CallBusy:
+                self._refuse(TRY_AGAIN_LATER, "call_busy")
+            except Unavailable:
+                self._refuse(TRY_AGAIN_LATER, "unavailable")
+            else:
+                logger.info("socket of %s joined call %s", peer_id, call_id)
+            return
+        self._refuse(SERVICE_RESTART, "call moved")
 
     async def _checked_request(self) -> tuple[CallRef, str, str, str, int | None] | None:
         """The call, call_id, peer_id, token and resume point; or None, the socket closed."""
@@ -199,17 +223,25 @@ class SignalingSocket(WebSocketHandler):
         if last_seq is not None and resume_from is None:
             self.close(BAD_QUERY, "last_seq must be a whole number")
             return None
+        call = await self._find(call_id)
+        return None if call is None else (call, call_id, peer_id, token, resume_from)
+
+    async def _find(self, call_id: str) -> CallRef | None:
+        """The call, here or on its node; or None, and the socket is closed (or was, meanwhile)."""
         try:
             call = await self.registry.find(call_id)
         except CallNotFound:
             self.close(CALL_NOT_FOUND, "call_not_found")
             return None
+        except ShuttingDown:
+            self.close(TRY_AGAIN_LATER, "server busy")  # it began to stop while this socket opened
+            return None
         except Unavailable:
             self.close(TRY_AGAIN_LATER, "unavailable")
             return None
-        if self._closed:
-            return None  # the client went away while the call was looked up
-        return call, call_id, peer_id, token, resume_from
+        if self._closing():
+            return None  # the client went away, or this socket was told to reconnect, while the call was looked up
+        return call
 
     def _check_in(self, call_id: str, peer_id: str) -> bool:
         """Take a connect from the participant's budget and a place under ``max_sockets``."""
@@ -236,6 +268,10 @@ class SignalingSocket(WebSocketHandler):
             self.close(POLICY_VIOLATION, f"too many wrong tokens from your address; retry in {wait:.0f} s")
         else:
             self.close(UNAUTHORIZED, "unauthorized")
+
+    def _closing(self) -> bool:
+        """Closed, or closing (a close this server began is complete only once the client answers it)."""
+        return self._closed or self.ws_connection is None or self.ws_connection.is_closing()
 
     def _refuse(self, code: int, reason: str) -> None:
         self._actor = None
@@ -295,14 +331,14 @@ class SignalingSocket(WebSocketHandler):
         try:
             if actor.tell(event, socket=self):
                 return None
-        except CallEnded:
+        except (CallEnded, CallMoved):
             return None  # the actor closes this socket as it stops
         return self._put_when_room(actor, event)
 
     async def _put_when_room(self, actor: CallRef, event: Receive) -> None:
         try:
             await actor.put(event, socket=self)
-        except CallEnded:
+        except (CallEnded, CallMoved):
             pass
         except Exception:
             self._internal_error()
@@ -353,7 +389,7 @@ class SignalingSocket(WebSocketHandler):
             if not actor.tell(Disconnect(self.conn)):
                 # A disconnect must not be lost, or the participant would look connected forever.
                 self.registry.defer(actor.put(Disconnect(self.conn)))
-        except CallEnded:
+        except (CallEnded, CallMoved):
             pass
 
     def send(self, text: str) -> None:

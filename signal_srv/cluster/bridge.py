@@ -3,7 +3,8 @@
 Each node reads one Redis Stream, its inbox, and every other node appends to it through
 its ``Outbox``, the node's single ordered path of writes. A stream is durable and ordered:
 a reader that lost its connection resumes from the last entry id it handled, so no frame
-is dropped or reordered by a blip (pub/sub would drop them silently).
+is dropped or reordered by a blip (pub/sub would drop them silently); a message that an
+outbox sent twice (its first reply was lost) carries the same sender number and is dropped.
 
 - Socket side: ``RemoteCall`` stands in for the owner's actor; the socket's events go to
   the owner's inbox and the owner's frames for it come back through this node's inbox.
@@ -19,13 +20,13 @@ import itertools
 import json
 import logging
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable
 
 from signal_srv.actor import CallActor, CallSummary, Socket
-from signal_srv.call import Connect, Disconnect, Event
+from signal_srv.call import Connect, Disconnect, Event, Restart
 from signal_srv.cluster.directory import inbox_key
 from signal_srv.cluster.link import RedisLink
+from signal_srv.cluster.outbox import Outbox
 from signal_srv.cluster.stats import ClusterStats
 from signal_srv.cluster.wire import (
     Describe,
@@ -36,99 +37,19 @@ from signal_srv.cluster.wire import (
     encode_event,
     encode_result,
 )
-from signal_srv.errors import CallBusy, CallEnded, CallNotFound, SignalError, Unavailable
+from signal_srv.errors import CallBusy, CallEnded, CallMoved, CallNotFound, SignalError, Unavailable
 
 if TYPE_CHECKING:
     from signal_srv.registry import Registry
 
-__all__ = ["Bridge", "Outbox", "RemoteCall", "RemoteSocket"]
+__all__ = ["Bridge", "RemoteCall", "RemoteSocket", "SERVICE_RESTART"]
 
 logger = logging.getLogger(__name__)
 
-STREAM_MAXLEN = 100_000  # entries kept in an inbox (approximately); a reader is never that far behind
-INBOX_TTL = 3600.0  # an inbox nobody reads (its node is gone) disappears after this long
-OUTBOX_LIMIT = 100_000  # writes held while Redis is unreachable; older ones are dropped beyond it
+SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; reconnect
 RETRY_PAUSE = 0.2
 BATCH = 500
-SERVICE_RESTART = 1012  # RFC 6455: the server is restarting; reconnect
-T = TypeVar("T")
-
-
-def _dumps(message: dict[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"))
-
-
-class Outbox:
-    """Stream appends (pipelined, one batch per loop turn) and scripts, executed strictly in order."""
-
-    def __init__(self, link: RedisLink, stats: ClusterStats) -> None:
-        self.link = link
-        self.stats = stats
-        self._items: deque[tuple[str, str] | tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = deque()
-        self._wake = asyncio.Event()
-        self._expired_at: dict[str, float] = {}
-
-    def append(self, key: str, message: dict[str, Any], first: bool = False) -> None:
-        """Queue a stream append; ``first`` puts it ahead of everything queued (used between two items)."""
-        if len(self._items) >= OUTBOX_LIMIT:
-            self._items.popleft()
-            self.stats.redis_errors += 1
-        if first:
-            self._items.appendleft((key, _dumps(message)))
-        else:
-            self._items.append((key, _dumps(message)))
-        self._wake.set()
-
-    def call(self, work: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
-        """Run ``work`` after every write queued before it; its result or error comes in the future."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._items.append((work, future))
-        self._wake.set()
-        return future
-
-    async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._items:
-                head = self._items[0]
-                if isinstance(head[0], str):
-                    await self._append_batch()
-                else:
-                    self._items.popleft()
-                    work, future = head  # type: ignore[misc]
-                    try:
-                        result = await work()
-                    except Exception as exc:  # noqa: BLE001 - handed to whoever queued the work
-                        if not future.done():
-                            future.set_exception(exc)
-                    else:
-                        if not future.done():
-                            future.set_result(result)
-
-    async def _append_batch(self) -> None:
-        batch: list[tuple[str, str]] = []
-        while self._items and len(batch) < BATCH and isinstance(self._items[0][0], str):
-            batch.append(self._items.popleft())  # type: ignore[arg-type]
-        now = time.monotonic()
-        expire = [key for key in {k for k, _ in batch} if now - self._expired_at.get(key, -INBOX_TTL) > INBOX_TTL / 4]
-
-        async def send(client: Any) -> Any:
-            pipe = client.pipeline(transaction=False)
-            for key, text in batch:
-                pipe.xadd(key, {"m": text}, maxlen=STREAM_MAXLEN, approximate=True)
-            for key in expire:
-                pipe.pexpire(key, int(INBOX_TTL * 1000))
-            return await pipe.execute()
-
-        try:
-            await self.link.run(send)
-        except Unavailable:
-            self._items.extendleft(reversed(batch))
-            await asyncio.sleep(RETRY_PAUSE)
-            return
-        for key in expire:
-            self._expired_at[key] = now
+DESCRIBE_TIMEOUT = 30.0  # the asker gives up first (after its ask_timeout); this only bounds the wait here
 
 
 class RemoteSocket:
@@ -254,6 +175,7 @@ class Bridge:
         self._deferred: set[asyncio.Task[None]] = set()
         self._bridged: dict[int, _Bridged] = {}  # socket side: conn -> our socket, bridged to an owner
         self._remote: dict[tuple[str, int], RemoteSocket] = {}  # owner side: (node, conn) -> stand-in
+        self._heard: dict[str, int] = {}  # sender -> the number of its last message handled here
 
     def to_node(self, node: str, message: dict[str, Any]) -> None:
         self.outbox.append(inbox_key(node), message)
@@ -383,7 +305,8 @@ class Bridge:
             if actor is None or not actor.alive:
                 raise CallNotFound()
             if isinstance(event, Describe):
-                self._reply(reply_to, request, result=encode_result(actor.summary(event.peers)))
+                described = asyncio.ensure_future(actor.describe(DESCRIBE_TIMEOUT, event.peers))
+                described.add_done_callback(lambda done: self._answered(done, reply_to, request, None))
                 return
             if isinstance(event, Connect):
                 socket = RemoteSocket(self, reply_to, event.conn, actor.call_id)
@@ -431,7 +354,11 @@ class Bridge:
         conn = getattr(event, "conn", None)
         socket = self._remote.get((message["from"], conn)) if conn is not None else None
         if actor is None or socket is None or isinstance(event, Describe):
-            return  # the call or this socket is gone here: the owner already closed it
+            if conn is not None and not isinstance(event, Disconnect):
+                # A socket this node does not know (it dropped it, or the call left): make it reconnect.
+                self.to_node(message["from"], {"k": "close", "conn": conn, "code": SERVICE_RESTART,
+                                               "reason": "reconnect"})
+            return
         if isinstance(event, Disconnect):
             self.forget_remote(socket)
         else:
@@ -440,7 +367,7 @@ class Bridge:
         try:
             if not actor.tell(event, socket=socket):
                 await actor.put(event, socket=socket)  # keeps this socket's order; waits for room
-        except CallEnded:
+        except (CallEnded, CallMoved):
             pass
 
     def forget_remote(self, socket: RemoteSocket) -> None:
@@ -450,9 +377,16 @@ class Bridge:
     # Nodes that went away -----------------------------------------------------------------
 
     def nodes_gone(self, live: set[str]) -> None:
-        """Close our sockets bridged to a node whose lease lapsed, and disconnect its sockets from our calls."""
+        """Close our sockets bridged to a node whose lease lapsed, fail what waits for its answers (the
+        asker finds the call anew), and disconnect its sockets from our calls."""
+        connecting = set()
+        for pending in list(self._pending.values()):
+            if pending.call.owner not in live and not pending.future.done():
+                if isinstance(pending.event, Connect):
+                    connecting.add(pending.event.conn)  # its socket looks the call up again, and stays open
+                pending.future.set_exception(CallMoved("the call's node went away; it is taken over"))
         for conn, bridged in list(self._bridged.items()):
-            if bridged.owner not in live:
+            if bridged.owner not in live and conn not in connecting:
                 del self._bridged[conn]
                 bridged.socket.close(SERVICE_RESTART, "owner node gone")
         for socket in list(self._remote.values()):
@@ -461,6 +395,31 @@ class Bridge:
                 actor = self._actor(socket.call_id)
                 if actor is not None and actor.alive:
                     actor.tell(Disconnect(socket.conn))
+
+    def owner_gone(self, call_id: str) -> None:
+        """This node took ``call_id`` over: our sockets bridged to its old owner reconnect, now to us."""
+        for conn, bridged in list(self._bridged.items()):
+            if bridged.call_id == call_id:
+                del self._bridged[conn]
+                bridged.socket.close(SERVICE_RESTART, "owner node gone")
+
+    def close_bridged(self, reason: str) -> None:
+        """Close every socket bridged from here with 1012, so that each reconnects and is attached anew."""
+        for conn, bridged in list(self._bridged.items()):
+            del self._bridged[conn]
+            bridged.socket.close(SERVICE_RESTART, reason)
+
+    def restart_bridged(self) -> int:
+        """This node stops: ask each bridged socket's owner to tell it to reconnect (``server_shutdown``
+        with its ``seq``, then 1012, come back through our inbox). Returns how many were asked."""
+        for conn, bridged in self._bridged.items():
+            self.to_node(bridged.owner, {"k": "tell", "from": self.node_id, "call": bridged.call_id,
+                                         "ev": encode_event(Restart(conn))})
+        return len(self._bridged)
+
+    @property
+    def bridged(self) -> int:
+        return len(self._bridged)
 
     # Loops ----------------------------------------------------------------------------------
 
@@ -492,6 +451,11 @@ class Bridge:
                     await self._dispatch(json.loads(fields["m"]))
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
+        sender, number = message.get("o"), message.get("i", 0)
+        if sender is not None:
+            if number <= self._heard.get(sender, 0):
+                return  # sent twice (its first reply was lost): handled already
+            self._heard[sender] = number
         kind = message["k"]
         call_id = message.get("call")
         if call_id in self._arrivals and self._actor(call_id) is None:

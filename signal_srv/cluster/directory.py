@@ -1,27 +1,36 @@
 """``Directory``: who owns each call (owner and epoch), the node leases, and the cluster-wide index.
 
-Keys of one call share its hash tag (``sig:call:{<id>}``), so the call's scripts run on
-one slot of a Redis Cluster. The cluster-wide keys (node leases, the index of waiting and
-active calls with their summaries) share the tag ``{calls}``. Every write of an owner goes
-through a fenced script that refuses it once the call's epoch has moved on.
+Keys of one call share its hash tag (``sig:call:{<id>}`` with its owner, epoch and
+snapshot, and ``sig:call:{<id>}:log``), so the call's scripts run on one slot of a Redis
+Cluster. The cluster-wide keys (node leases, the index of waiting and active calls with
+their summaries, each node's set of calls) share the tag ``{calls}``. Every write of an
+owner goes through a fenced script that refuses it once the call's epoch has moved on.
+
+A "node" here is one process (``ClusterPlacement.member``: its ``node_id`` and a random
+suffix), so that a node restarted under the same ``node_id`` is a new owner, and the calls
+of its previous run are taken over like those of any node that went away.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
+
 from signal_srv.actor import CallSummary
 from signal_srv.call import Status
 from signal_srv.cluster.link import RedisLink
 from signal_srv.cluster.wire import decode_summary, encode_summary
+from signal_srv.errors import CallNotFound
 
-__all__ = ["Directory", "Owner", "call_key", "inbox_key"]
+__all__ = ["Directory", "Heartbeat", "Owner", "Taken", "call_key", "inbox_key", "log_key"]
 
 PREFIX = "sig:"
 NODES = PREFIX + "{calls}:nodes"
 SUMMARIES = PREFIX + "{calls}:summaries"
 INDEX = {Status.WAITING: PREFIX + "{calls}:waiting", Status.ACTIVE: PREFIX + "{calls}:active"}
 ORDER = PREFIX + "{calls}:order"
+OWNED = PREFIX + "{calls}:owned:"  # + node: the calls the index lists for that node
 WALK_BUDGET = 5000  # index entries one listing may walk past (entries of lapsed nodes are skipped)
 
 Owner = tuple[str, int]
@@ -31,8 +40,31 @@ def call_key(call_id: str) -> str:
     return f"{PREFIX}call:{{{call_id}}}"
 
 
+def log_key(call_id: str) -> str:
+    return f"{PREFIX}call:{{{call_id}}}:log"
+
+
 def inbox_key(node_id: str) -> str:
     return f"{PREFIX}node:{{{node_id}}}:inbox"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What a lease renewal learned: live nodes (with seconds left on their leases), nodes
+    gone with calls still theirs, and whether this node's own lease had run out."""
+
+    live: dict[str, float]
+    orphaned: list[str]
+    lapsed: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Taken:
+    """A call taken over: its new epoch, its last snapshot and the log entries after it."""
+
+    epoch: int
+    snapshot: dict[str, Any]
+    entries: list[dict[str, Any]]
 
 
 class Directory:
@@ -53,22 +85,46 @@ class Directory:
         return None if owner is None or epoch is None else (str(owner), int(epoch))
 
     async def fenced(self, call_id: str, epoch: int, op: str, new_owner: str = "") -> int:
-        """``touch`` (renew the TTL), ``delete`` or ``move`` (compare-and-set to ``new_owner``).
+        """``touch`` (renew the TTLs), ``delete`` (with its log) or ``move`` (compare-and-set to ``new_owner``).
 
         Returns 0 when the call is no longer this node's at ``epoch``; else 1, or the new epoch for a move.
         """
         args = [self.node_id, epoch, op, self.call_ttl_ms, new_owner]
-        return int(await self.link.script("fenced", [call_key(call_id)], args))
+        return int(await self.link.script("fenced", [call_key(call_id), log_key(call_id)], args))
+
+    async def take(self, call_id: str, owner: Owner) -> Taken | None:
+        """Take the call over from ``owner`` (whose lease ran out); None if someone else moved it first.
+
+        Raises ``CallNotFound`` for a call whose creator died before it was ever written whole.
+        """
+        reply = await self.link.script("take", [call_key(call_id), log_key(call_id)],
+                                       [owner[0], owner[1], self.node_id, self.call_ttl_ms])
+        if int(reply[0]) == -1:
+            raise CallNotFound()
+        if int(reply[0]) == 0:
+            return None
+        return Taken(int(reply[0]), json.loads(reply[1]), [json.loads(entry) for entry in reply[2:]])
 
     async def publish(self, summary: CallSummary, epoch: int) -> bool:
-        keys = [SUMMARIES, INDEX[Status.WAITING], INDEX[Status.ACTIVE], ORDER]
+        keys = [SUMMARIES, INDEX[Status.WAITING], INDEX[Status.ACTIVE], ORDER, OWNED + self.node_id]
         entry = json.dumps(encode_summary(summary), separators=(",", ":"))
-        args = [summary.call_id, epoch, summary.status, entry, self.node_id]
+        args = [summary.call_id, epoch, summary.status, entry, self.node_id, OWNED]
         return bool(await self.link.script("index_put", keys, args))
 
     async def unpublish(self, call_id: str, epoch: int) -> bool:
         keys = [SUMMARIES, INDEX[Status.WAITING], INDEX[Status.ACTIVE]]
-        return bool(await self.link.script("index_drop", keys, [call_id, epoch]))
+        return bool(await self.link.script("index_drop", keys, [call_id, epoch, OWNED]))
+
+    async def forget_entry(self, call_id: str, node: str) -> None:
+        """Drop the index entry of a call whose records are gone (it expired with a node that died)."""
+        keys = [SUMMARIES, INDEX[Status.WAITING], INDEX[Status.ACTIVE]]
+        await self.link.script("index_drop", keys, [call_id, 2**53, OWNED])
+        await self.link.run(lambda r: r.srem(OWNED + node, call_id))
+
+    async def owned_by(self, node: str, cursor: int = 0) -> tuple[int, list[str]]:
+        """A chunk of the calls the index lists for ``node``, and the cursor of the next chunk (0: done)."""
+        cursor, calls = await self.link.run(lambda r: r.sscan(OWNED + node, cursor, count=200))
+        return int(cursor), [str(call) for call in calls]
 
     async def listing(self, status: Status | None, limit: int, peers: bool) -> list[CallSummary]:
         """Newest first; the published entries carry the participants, shown only with ``peers``."""
@@ -78,16 +134,18 @@ class Directory:
         summaries = [decode_summary(json.loads(entry)) for entry in entries]
         return summaries if peers else [dataclasses.replace(s, peers=None) for s in summaries]
 
-    async def heartbeat(self, cursor: str, forget_after: float) -> tuple[str, set[str]]:
-        """Renew this node's lease; returns the index sweep's next cursor and the live nodes."""
+    async def heartbeat(self, cursor: str, forget_after: float) -> tuple[str, Heartbeat]:
+        """Renew this node's lease; returns the index sweep's next cursor and what the renewal learned."""
         keys = [NODES, SUMMARIES, INDEX[Status.WAITING], INDEX[Status.ACTIVE]]
-        args = [self.node_id, self.lease_ms, int(forget_after * 1000), cursor]
-        next_cursor, live = await self.link.script("heartbeat", keys, args)
-        return str(next_cursor), set(live)
+        args = [self.node_id, self.lease_ms, int(forget_after * 1000), cursor, OWNED]
+        next_cursor, live, ends, orphaned, lapsed = await self.link.script("heartbeat", keys, args)
+        left = {node: int(end) / 1000 for node, end in zip(live, ends)}
+        return str(next_cursor), Heartbeat(left, list(orphaned), bool(int(lapsed)))
 
     async def live_nodes(self) -> set[str]:
         return set(await self.link.script("live", [NODES], []))
 
     async def resign(self) -> None:
-        """Drop this node's lease at a clean shutdown, so that nobody waits for it to lapse."""
-        await self.link.run(lambda r: r.zrem(NODES, self.node_id))
+        """End this node's lease now (a clean shutdown), so that nobody waits for it to lapse: the
+        other nodes take its calls over at once (and forget it once it owns none)."""
+        await self.link.run(lambda r: r.zadd(NODES, {self.node_id: 0}))

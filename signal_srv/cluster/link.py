@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
@@ -29,7 +30,8 @@ __all__ = ["RedisLink", "SCRIPTS"]
 
 logger = logging.getLogger(__name__)
 
-SCRIPTS = ("claim", "fenced", "index_put", "index_drop", "listing", "heartbeat", "live")
+SCRIPTS = ("claim", "fenced", "index_put", "index_drop", "listing", "heartbeat", "live", "append", "snapshot",
+           "take")
 RECONNECT_INTERVAL = 0.5
 POOL_SIZE = 64
 T = TypeVar("T")
@@ -49,6 +51,7 @@ class RedisLink:
         self.blocking: Client | None = None
         self.scripts: dict[str, AsyncScript] = {}
         self.reachable = False
+        self.back_since = -math.inf  # monotonic: when Redis answered again after an outage
         self.cluster = False
         self.connected = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
@@ -125,6 +128,14 @@ class RedisLink:
         self.succeeded()
         return result
 
+    async def load_scripts(self) -> None:
+        """Load every script into Redis again (after a restart, Redis knows none of them)."""
+        async def load(client: Client) -> None:
+            for script in self.scripts.values():
+                script.sha = await client.script_load(script.script)
+
+        await self.run(load)
+
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self.run(lambda client: self.scripts[name](keys=keys, args=args, client=client))
 
@@ -137,6 +148,7 @@ class RedisLink:
     def succeeded(self) -> None:
         if not self.reachable and self.connected.is_set():
             logger.info("Redis answers again")
+            self.back_since = time.monotonic()
         self.reachable = True
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from signal_srv.metrics import Metrics
+
+if TYPE_CHECKING:
+    from signal_srv.cluster.log import Journal
 
 __all__ = ["ClusterStats"]
 
@@ -18,6 +21,8 @@ class ClusterStats:
         self.bridged: Counter[str] = Counter()  # frames between this node and others, by direction
         self.redis_errors = 0
         self.lost_calls = 0
+        self.taken_over = 0
+        self.journal: Journal | None = None
         self.redis_seconds = Histogram(
             "signal_srv_redis_round_trip_seconds", "round trip of one Redis command or pipeline",
             registry=metrics.prometheus,
@@ -37,3 +42,10 @@ class ClusterStats:
         yield CounterMetricFamily("signal_srv_redis_errors", "Redis commands that failed", value=self.redis_errors)
         yield CounterMetricFamily("signal_srv_calls_lost", "calls this node found owned elsewhere (fenced out)",
                                   value=self.lost_calls)
+        yield CounterMetricFamily("signal_srv_calls_taken_over",
+                                  "calls this node took over from a node whose lease lapsed", value=self.taken_over)
+        if self.journal is not None:
+            yield CounterMetricFamily("signal_srv_log_entries", "call events written ahead to Redis",
+                                      value=self.journal.entries)
+            yield CounterMetricFamily("signal_srv_log_snapshots", "call snapshots written to Redis",
+                                      value=self.journal.snapshots)

@@ -1,7 +1,8 @@
-"""The bridge's wire format: call events, answers and refusals as JSON-ready dicts.
+"""The cluster's wire format: call events, answers and refusals as JSON-ready dicts.
 
-Only the events a socket or request sends to a call cross nodes; answers are a summary,
-a join's result or a peer id, and a refusal names its ``SignalError`` class.
+Events cross nodes when a socket or request reaches a node that does not own the call,
+and every event a call accepts is written to its log in this form; answers are a
+summary, a join's result or a peer id, and a refusal names its ``SignalError`` class.
 """
 
 from __future__ import annotations
@@ -11,7 +12,20 @@ from typing import Any
 
 from signal_srv import errors
 from signal_srv.actor import CallSummary, Joined
-from signal_srv.call import Connect, Disconnect, End, Event, Identify, Join, Leave, Receive
+from signal_srv.call import (
+    Connect,
+    Disconnect,
+    End,
+    Event,
+    Expire,
+    Identify,
+    Join,
+    Leave,
+    Receive,
+    Remove,
+    Restart,
+    Shutdown,
+)
 from signal_srv.messages import Ping, Relay
 
 __all__ = ["Describe", "decode_error", "decode_event", "decode_result", "decode_summary", "encode_error",
@@ -25,8 +39,8 @@ class Describe:
     peers: bool = False
 
 
-_EVENTS: dict[str, type] = {cls.__name__: cls for cls in (Join, Leave, End, Connect, Disconnect, Receive,
-                                                          Identify, Describe)}
+_EVENTS: dict[str, type] = {cls.__name__: cls for cls in (Join, Leave, End, Remove, Connect, Disconnect, Receive,
+                                                          Identify, Expire, Shutdown, Restart, Describe)}
 _ERRORS: dict[str, type[errors.SignalError]] = {
     name: cls for name, cls in vars(errors).items()
     if isinstance(cls, type) and issubclass(cls, errors.SignalError)
@@ -37,7 +51,7 @@ def encode_event(event: Event | Describe) -> dict[str, Any]:
     fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
     if isinstance(event, Receive):
         message = event.message
-        fields["message"] = dataclasses.asdict(message) if isinstance(message, Relay) else {}
+        fields["message"] = dataclasses.asdict(message) if isinstance(message, Relay) else {"cseq": message.cseq}
     return {"t": type(event).__name__, **fields}
 
 
@@ -46,7 +60,7 @@ def decode_event(data: dict[str, Any]) -> Event | Describe:
     cls = _EVENTS[fields.pop("t")]
     if cls is Receive:
         message = fields["message"]
-        fields["message"] = Relay(**message) if message else Ping()
+        fields["message"] = Relay(**message) if "type" in message else Ping(message.get("cseq"))
     event: Event | Describe = cls(**fields)
     return event
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import random
 import time
@@ -56,11 +57,19 @@ from signal_srv.messages import Relay
 from signal_srv.metrics import Metrics
 from signal_srv.snapshot import call_to_dict
 
-__all__ = ["CallActor", "CallSummary", "Envelope", "Joined", "Journal", "Socket", "iso_time"]
+__all__ = ["CallActor", "CallSummary", "Envelope", "Joined", "Journal", "Socket", "iso_time", "new_conn"]
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR = 1011  # RFC 6455: the server hit an unexpected condition
+
+
+_conns = itertools.count(1)
+
+
+def new_conn() -> int:
+    """A socket's id for the calls of this process: never used twice (``id()`` of a freed socket would be)."""
+    return next(_conns)
 
 
 class Socket(Protocol):
@@ -195,6 +204,7 @@ class CallActor:
         self.created_at = created_at or iso_time(time.time())
         self._queue: Queue[Envelope] = Queue(maxsize=mailbox_size)
         self._sockets: dict[int, Socket] = {}
+        self._closing: set[int] = set()  # sockets whose close is decided, not yet carried out (write-ahead)
         self._on_status = on_status
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
@@ -219,6 +229,11 @@ class CallActor:
     @property
     def alive(self) -> bool:
         return self._alive
+
+    @property
+    def relinquished(self) -> bool:
+        """Stopped without ending: another node carries the call on."""
+        return self._released is not None
 
     @property
     def inbox_depth(self) -> int:
@@ -464,6 +479,8 @@ class CallActor:
             self.log.debug("refused %s: %s", type(event).__name__, exc.code)
             if self.journal is None:
                 self._refuse(envelope, exc)
+            elif envelope.reply is None and getattr(event, "conn", None) in self._closing:
+                pass  # a frame that raced its socket's decided close: its client resends it on its next socket
             else:  # a refusal too rests on what was decided before: answer once that is in Redis
                 refusal = exc
                 self.journal.after(self, lambda ok: self._refuse(envelope, refusal if ok else CallMoved()))
@@ -480,6 +497,7 @@ class CallActor:
         if self.journal is None:
             self._decided(envelope, result, effects, True)
         else:
+            self._closing.update(effect.conn for effect in effects if type(effect) is Close)
             self.journal.record(self, event, now, lambda ok: self._decided(envelope, result, effects, ok))
         if type(event) is Restart and event.conn is None:
             self.relinquish(SERVICE_RESTART, "server restart")
@@ -525,6 +543,7 @@ class CallActor:
                 if socket is not None:
                     socket.send(effect.text)
             elif type(effect) is Close:
+                self._closing.discard(effect.conn)
                 socket = self._sockets.pop(effect.conn, None)
                 if socket is not None:
                     socket.close(effect.code, effect.reason)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from collections import deque
 from typing import Any, Sequence
@@ -36,6 +37,8 @@ DEFAULT_TIMEOUT = 10.0
 FINAL_CLOSE = frozenset({1000, 1003, 1007, 1008, 1009, 4400, 4401, 4404, 4409})
 
 UNACKED_LIMIT = 10_000  # numbered frames kept for a resend; older ones are forgotten
+ABANDONED_CONNECT_WINDOW = 60.0  # seconds a connect given up on may still be taken on by a slow node
+READ_WAIT = 3600.0  # the background reader's wait for a frame (it just waits again)
 
 
 class ApiError(Exception):
@@ -145,7 +148,11 @@ class SignalingClient:
         if carry is not None:
             connection.last_seq = carry.last_seq
         if numbered:
-            await connection.synchronize(carry)
+            try:
+                await connection.synchronize(carry)
+            except BaseException:
+                ws.close()  # given up on: the server must not keep it as the participant's socket
+                raise
         return connection
 
     async def connect_as(self, credentials: dict[str, Any], **query: Any) -> Connection:
@@ -164,6 +171,44 @@ class SignalingClient:
         return await self.connect(call_id, peer_id, token, last_seq=old.last_seq, numbered=old.numbered, carry=old)
 
 
+def _retrieve(written: asyncio.Future[None]) -> None:
+    """A write that failed because the socket closed meanwhile: the close shows on the next read."""
+    if not written.cancelled():
+        written.exception()
+
+
+class _Numbering:
+    """A participant's ``cseq`` count and its unconfirmed frames, shared by its successive connections.
+
+    Numbered frames are written by ``writer``, the newest connection once it has resent what
+    the server did not accept; until then (or after it closed) they only wait in ``unacked``.
+    """
+
+    def __init__(self) -> None:
+        self.cseq = 0
+        self.unacked: deque[tuple[int, str]] = deque()
+        self.writer: Connection | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.cseq += 1
+        message["cseq"] = self.cseq
+        text = to_json(message)
+        self.unacked.append((self.cseq, text))
+        if len(self.unacked) > UNACKED_LIMIT:
+            self.unacked.popleft()
+        if self.writer is not None:
+            try:
+                self.writer.send_raw(text)
+            except WebSocketClosedError:
+                self.writer = None  # kept: the next connection resends it
+
+    def acknowledge(self, accepted: int) -> None:
+        """The server accepted every frame up to ``accepted``; numbering goes on after it."""
+        while self.unacked and self.unacked[0][0] <= accepted:
+            self.unacked.popleft()
+        self.cseq = max(self.cseq, accepted)
+
+
 class Connection:
     """One signaling socket: send frames, receive them with a timeout.
 
@@ -180,9 +225,8 @@ class Connection:
         self.timeout = timeout
         self.credentials = credentials
         self.numbered = numbered
+        self.numbering = _Numbering()
         self.last_seq = -1
-        self.cseq = 0  # the last cseq used
-        self.unacked: deque[tuple[int, str]] = deque()
         self.skipped: list[dict[str, Any]] = []
         self._early: deque[dict[str, Any]] = deque()  # frames read while synchronizing, not yet received
         self._closed: ConnectionClosed | None = None
@@ -192,22 +236,22 @@ class Connection:
         if payload is not None or type != "ping":
             message["payload"] = payload
         if self.numbered:
-            self.cseq += 1
-            message["cseq"] = self.cseq
-            text = to_json(message)
-            self.unacked.append((self.cseq, text))
-            if len(self.unacked) > UNACKED_LIMIT:
-                self.unacked.popleft()
-            if self._closed is None:
-                try:
-                    self.send_raw(text)
-                except WebSocketClosedError:
-                    pass  # kept in unacked: the next connection resends it
+            self.numbering.send(message)
             return
         self.send_raw(to_json(message))
 
+    @property
+    def cseq(self) -> int:
+        """The last ``cseq`` used (numbered connections)."""
+        return self.numbering.cseq
+
+    @property
+    def unacked(self) -> deque[tuple[int, str]]:
+        """Numbered frames the server has not confirmed yet, oldest first."""
+        return self.numbering.unacked
+
     def send_raw(self, data: str | bytes) -> None:
-        self.ws.write_message(data, binary=isinstance(data, bytes))
+        self.ws.write_message(data, binary=isinstance(data, bytes)).add_done_callback(_retrieve)
 
     @property
     def synchronized(self) -> bool:
@@ -220,8 +264,8 @@ class Connection:
         ``carried``: the previous connection of the same participant, whose unconfirmed
         frames are resent here. A close before that state is kept for ``receive`` too.
         """
-        if carried is not None:
-            self.cseq, self.unacked = carried.cseq, carried.unacked
+        numbering = self.numbering = carried.numbering if carried is not None else self.numbering
+        numbering.writer = None  # until the server says what it has: what is sent meanwhile waits
         peer_id = self.credentials[1]
         while True:
             try:
@@ -232,12 +276,10 @@ class Connection:
             self._early.append(message)
             if message.get("type") == "state" and message.get("subject") == peer_id and "last_cseq" in message:
                 break
-        accepted = message["last_cseq"] if isinstance(message["last_cseq"], int) else 0
-        while self.unacked and self.unacked[0][0] <= accepted:
-            self.unacked.popleft()
-        self.cseq = max(self.cseq, accepted)
-        for _, text in self.unacked:
+        numbering.acknowledge(message["last_cseq"] if isinstance(message["last_cseq"], int) else 0)
+        for _, text in numbering.unacked:
             self.send_raw(text)
+        numbering.writer = self
 
     async def _read(self, timeout: float) -> dict[str, Any]:
         text = await asyncio.wait_for(self.ws.read_message(), timeout)
@@ -287,14 +329,17 @@ class Connection:
 class Session:
     """A participant's socket that outlives a server restart, a crashed node or a dropped network.
 
-    Frames are numbered (``cseq``). When the socket closes for a reason that is not final
-    (anything but ``FINAL_CLOSE``), ``receive`` reconnects by itself with ``last_seq``, so it
-    yields every frame of the participant's stream once and in order, and the new socket
-    resends what the server did not accept. After a ``server_shutdown`` that says
-    ``reconnect`` it reconnects at once, after a random pause of up to ``restart_jitter``
-    seconds (so that a restarting node's clients do not all arrive in the same instant);
-    after other closes, with full-jitter exponential backoff (``backoff``: first and longest
-    pause). A node that cannot be reached is left for the next one in ``clients``.
+    Frames are numbered (``cseq``). A reader in the background takes the frames off the
+    socket as they come, and when the socket closes for a reason that is not final
+    (anything but ``FINAL_CLOSE``) it reconnects with ``last_seq``: ``receive`` yields every
+    frame of the participant's stream once and in order, and the new socket resends what
+    the server did not accept, whether or not anyone was reading. After a
+    ``server_shutdown`` that says ``reconnect`` it reconnects at once, after a random pause
+    of up to ``restart_jitter`` seconds (so that a restarting node's clients do not all
+    arrive in the same instant); after other closes, with full-jitter exponential backoff
+    (``backoff``: first and longest pause). A node that cannot be reached is left for the
+    next one in ``clients``. Closed for good (a final close, or ``attempts`` failures in a
+    row), ``receive`` raises ``ConnectionClosed``.
     """
 
     def __init__(
@@ -310,8 +355,12 @@ class Session:
         self.conn: Connection | None = None
         self._node = 0
         self._failures = 0  # reconnects in a row that gave no working socket
+        self._abandoned_at = -math.inf  # when a connect was given up on (timed out)
         self._restarting = False  # the server announced a restart: reconnect at once
         self._stopped = False
+        self._frames: asyncio.Queue[dict[str, Any] | ConnectionClosed] = asyncio.Queue()
+        self._closed: ConnectionClosed | None = None
+        self._reader: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> SignalingClient:
@@ -320,6 +369,7 @@ class Session:
     async def open(self) -> Session:
         """Connect for the first time (a refusal shows on the first ``receive``)."""
         self.conn = await self.client.connect_as(self.credentials, numbered=True)
+        self._reader = asyncio.ensure_future(self._read())
         return self
 
     def send(self, type: str, payload: Any = None) -> None:
@@ -328,21 +378,15 @@ class Session:
         self.conn.send(type, payload)
 
     async def receive(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next frame of the stream, across reconnects. Raises ``ConnectionClosed`` on a final close."""
+        """The next frame of the stream, across reconnects. Raises ``ConnectionClosed`` once closed for good."""
         assert self.conn is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.conn.timeout)
-        while True:
-            try:
-                message = await self.conn.receive(max(deadline - loop.time(), 0.001))
-            except ConnectionClosed as closed:
-                if self._stopped or closed.code in FINAL_CLOSE:
-                    raise
-                await self._reconnect(deadline)
-                continue
-            if message.get("type") == "server_shutdown" and message.get("reconnect"):
-                self._restarting = True
-            return message
+        if self._closed is not None and self._frames.empty():
+            raise self._closed
+        item = await asyncio.wait_for(self._frames.get(), timeout or self.conn.timeout)
+        if isinstance(item, ConnectionClosed):
+            self._closed = item
+            raise item
+        return item
 
     async def wait_for(self, type: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """The next frame of ``type`` (and with ``fields``), across reconnects."""
@@ -354,8 +398,30 @@ class Session:
             if message.get("type") == type and all(message.get(k) == v for k, v in fields.items()):
                 return message
 
-    async def _reconnect(self, deadline: float) -> None:
-        """Open the next socket; its frames (and its close, if it closed at once) are read by ``receive``."""
+    async def _read(self) -> None:
+        """Take every frame off the socket as it comes, reconnecting when it closes (the background reader)."""
+        assert self.conn is not None
+        while True:
+            try:
+                message = await self.conn.receive(READ_WAIT)
+            except TimeoutError:
+                continue
+            except ConnectionClosed as closed:
+                if self._stopped or (closed.code in FINAL_CLOSE and not self._replaced_by_own(closed)):
+                    self._frames.put_nowait(closed)
+                    return
+                try:
+                    await self._reconnect()
+                except ConnectionClosed as gave_up:
+                    self._frames.put_nowait(gave_up)
+                    return
+                continue
+            if message.get("type") == "server_shutdown" and message.get("reconnect"):
+                self._restarting = True
+            self._frames.put_nowait(message)
+
+    async def _reconnect(self) -> None:
+        """Open the next socket; its frames (and its close, if it closed at once) are read as any."""
         assert self.conn is not None
         loop = asyncio.get_running_loop()
         first, longest = self.backoff
@@ -367,10 +433,13 @@ class Session:
             else:
                 pause = random.uniform(0, min(longest, first * 2 ** self._failures))
             self._restarting = False
-            await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
+            await asyncio.sleep(pause)
             try:
                 conn = await self.client.resume(self.conn)
-            except (OSError, TimeoutError, HTTPClientError, WebSocketClosedError):
+            except TimeoutError:
+                conn = None
+                self._abandoned_at = loop.time()  # a node that does not answer may still take it, later
+            except (OSError, HTTPClientError, WebSocketClosedError):
                 conn = None
             if conn is not None:
                 self.conn = conn  # even if it closed at once: the frames it read before are the stream's
@@ -383,6 +452,12 @@ class Session:
             self._failures = 0
             self.reconnects += 1
             return
+
+    def _replaced_by_own(self, closed: ConnectionClosed) -> bool:
+        """Replaced (4409) by a connect of this session's own that it had given up on, which a node that
+        was frozen or slow took on late: not another client, so take the participant back."""
+        loop = asyncio.get_running_loop()
+        return closed.code == 4409 and loop.time() - self._abandoned_at < ABANDONED_CONNECT_WINDOW
 
     def close(self) -> None:
         """Close for good (no reconnect)."""

@@ -36,6 +36,7 @@ __all__ = ["Registry", "Statistics", "new_id", "new_ids"]
 logger = logging.getLogger(__name__)
 
 SWEEP_BATCH = 1000  # calls examined between two yields to the event loop
+RESTART_ROUNDS = 3  # passes over the calls when a node stops and hands them over
 
 
 def new_id() -> str:
@@ -292,7 +293,9 @@ class Registry:
 
     def _finished(self, task: asyncio.Task[None], *, actor: CallActor) -> None:
         self._tasks.discard(task)
-        if self._actors.get(actor.call_id) is actor:
+        if self._actors.get(actor.call_id) is actor and actor.relinquished:
+            self._forget(actor, publish=False)  # it goes on elsewhere
+        elif self._actors.get(actor.call_id) is actor:
             actor.log.error("call %s stopped without ending; dropping it", actor.call_id)
             self._forget(actor)
             self._ended["error"] += 1
@@ -363,11 +366,16 @@ class Registry:
 
     async def _restart_all(self) -> None:
         """Every call stops here without ending (sockets get ``server_shutdown`` with ``reconnect``, 1012)."""
-        actors = list(self._actors.values())
-        await asyncio.gather(*(a.restart() for a in actors), return_exceptions=True)
-        for actor in actors:
-            self._forget(actor, publish=False)
-        logger.info("%d calls handed over", len(actors))
+        stopped = 0
+        for _ in range(RESTART_ROUNDS):  # a call moved here meanwhile (its move began before we stopped) goes too
+            actors = list(self._actors.values())
+            if not actors:
+                break
+            await asyncio.gather(*(a.restart() for a in actors), return_exceptions=True)
+            for actor in actors:
+                self._forget(actor, publish=False)
+            stopped += len(actors)
+        logger.info("%d calls stop here and go on elsewhere", stopped)
 
     def statistics(self) -> Statistics:
         return Statistics(

@@ -14,6 +14,15 @@ network), while frames to it are on the wire and while the other side sends on; 
 reconnects with ``SignalingClient.resume()`` and must get every missed frame once, in order,
 with its original ``seq``. A ``resume_failed`` answer is counted as a failure of its own.
 
+With ``reconnect`` (``--reconnect``, and always with ``--chaos``) every socket numbers its
+frames (``cseq``) and is a ``Session``: when the server closes it for a reason that is not
+final (a node restarting, dying or frozen) it reconnects by itself, to the next node if
+need be, with ``last_seq``, and resends what the server did not accept; every message must
+still arrive once, in order, and no call may end unless the tool ended it. ``pace`` spreads
+each side's candidates over time, so that a burst is still going when something happens to
+the servers; ``run_stress(during=...)`` runs that something once every call is bursting,
+and every call waits for it to finish before it ends.
+
 With ``jwt_secret`` (``--auth=jwt``) every create and join carries an access token the
 tool mints itself (host ``stress-<n>-host``, guest ``stress-<n>-guest``), and every
 ``state`` frame must name the other participant with its identity.
@@ -36,11 +45,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from tornado.httpclient import AsyncHTTPClient
 
-from signal_srv.client import Connection, ConnectionClosed, SignalingClient
+from signal_srv.client import ApiError, Connection, ConnectionClosed, Session, SignalingClient
 from signal_srv.tokens import mint
 
 __all__ = [
@@ -104,6 +113,8 @@ class StressOptions:
     connect_concurrency: int = 200  # WebSocket handshakes in flight
     seed: int | None = None
     jwt_secret: str = field(default="", repr=False)  # a server with auth=jwt: mint tokens with its secret
+    reconnect: bool = False  # sockets number their frames and reconnect by themselves (see the docstring)
+    pace: float = 0.0  # seconds between two candidates of one side (0: as fast as possible)
 
 
 @dataclass
@@ -125,6 +136,9 @@ class StressResult:
     resume_failed: int = 0
     unexpected_errors: int = 0
     unexpected_closes: int = 0
+    ended_unasked: int = 0  # call_ended frames for calls the tool did not end
+    reconnects: int = 0  # sockets that reconnected by themselves (reconnect mode)
+    reconnected_at: list[float] = field(default_factory=list)  # time.monotonic() of each reconnect
     elapsed: float = 0.0
     exchange_time: float = 0.0
     latency_ms: dict[str, list[float]] = field(
@@ -134,7 +148,8 @@ class StressResult:
     @property
     def ok(self) -> bool:
         bad = (self.calls_failed, self.calls_unfinished, self.lost, self.duplicated, self.misrouted,
-               self.reordered, self.seq_gaps, self.resume_failed, self.unexpected_errors, self.unexpected_closes)
+               self.reordered, self.seq_gaps, self.resume_failed, self.unexpected_errors, self.unexpected_closes,
+               self.ended_unasked)
         return self.calls > 0 and not any(bad)
 
     def fail(self, text: str) -> None:
@@ -176,7 +191,7 @@ class Side:
                  client: SignalingClient | None = None) -> None:
         self.run, self.call_id, self.role, self.peer_id, self.token = run, call_id, role, peer_id, token
         self.client = client or run.client  # the node this side's socket connects to
-        self.conn: Connection | None = None
+        self.conn: Connection | Session | None = None
         self.other_peer_id = ""
         self.other_identity: str | None = None
         self.sent = 0  # relayed messages this side sent
@@ -244,7 +259,7 @@ class Side:
         Whatever it still yields (frames already buffered in this process) is discarded as
         lost on the wire; its reader ends at the drop without counting it as a close.
         """
-        assert self.conn is not None
+        assert isinstance(self.conn, Connection)
         self.cut_conn = self.conn
         self.conn.abort()
 
@@ -254,10 +269,15 @@ class Side:
         assert conn is not None
         loop = asyncio.get_running_loop()
         was_cut = False
+        reconnects = 0
         try:
             while True:
                 await self._reading.wait()
                 frame = await conn.receive(max(deadline - loop.time(), 0.001))
+                if isinstance(conn, Session) and conn.reconnects != reconnects:
+                    self.run.result.reconnects += conn.reconnects - reconnects
+                    self.run.result.reconnected_at.append(time.monotonic())
+                    reconnects = conn.reconnects
                 if conn is not self.cut_conn:  # what the cut socket still yields is lost with it
                     self._check(frame)
         except ConnectionClosed as closed:
@@ -276,7 +296,7 @@ class Side:
     def _check(self, frame: dict[str, Any]) -> None:
         result = self.run.result
         kind = frame.get("type")
-        if kind not in ("pong", "error") and frame.get("call_id") != self.call_id:
+        if kind not in ("pong", "error", "server_shutdown") and frame.get("call_id") != self.call_id:
             # Another call's frame: its seq belongs to another stream, so it is not checked here.
             result.misrouted += 1
             result.fail(f"{self.call_id[:8]} {self.role}: got a {kind} frame of call {str(frame.get('call_id'))[:8]}")
@@ -298,6 +318,11 @@ class Side:
                 self.both_connected.set()
         elif kind == "call_ended":
             self.ended_reason = frame.get("reason")
+            if not self.expect_close:
+                result.ended_unasked += 1
+                result.fail(f"{self.call_id[:8]} {self.role}: the call ended ({self.ended_reason}) though nobody ended it")
+        elif kind == "server_shutdown" and frame.get("reconnect") and self.run.options.reconnect:
+            pass  # a node hands the call over: the session reconnects
         else:
             result.unexpected_errors += 1
             result.fail(f"{self.call_id[:8]} {self.role}: unexpected frame {json.dumps(frame)[:200]}")
@@ -392,8 +417,15 @@ def _is_resume_failed(frame: dict[str, Any]) -> bool:
 
 
 class _Run:
-    def __init__(self, base_urls: Sequence[str], options: StressOptions) -> None:
+    def __init__(
+        self, base_urls: Sequence[str], options: StressOptions, during: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.options = options
+        self.during = during
+        self.bursting = 0  # calls that reached their candidate burst (or gave up before it)
+        self.during_done = asyncio.Event()
+        if during is None:
+            self.during_done.set()
         self.result = StressResult(calls=options.calls)
         http = AsyncHTTPClient(force_instance=True, max_clients=options.http_concurrency)
         self.clients = [SignalingClient(url, timeout=options.timeout) for url in base_urls]
@@ -428,7 +460,13 @@ class _Run:
     async def connect(self, side: Side, deadline: float) -> None:
         async with self.connect_slots:
             started = time.perf_counter()
-            side.conn = await side.client.connect(side.call_id, side.peer_id, side.token)
+            if self.options.reconnect:
+                first = self.clients.index(side.client)
+                nodes = self.clients[first:] + self.clients[:first]
+                credentials = {"call_id": side.call_id, "peer_id": side.peer_id, "peer_token": side.token}
+                side.conn = await Session(nodes, credentials, backoff=(0.05, 1.0)).open()
+            else:
+                side.conn = await side.client.connect(side.call_id, side.peer_id, side.token)
         self.result.latency_ms["connect"].append(1000.0 * (time.perf_counter() - started))
         self.connected += 1
         side.reader = asyncio.ensure_future(side.read_all(deadline))
@@ -436,7 +474,7 @@ class _Run:
     async def resume(self, side: Side, deadline: float) -> None:
         """Once the cut socket's reader has stopped, reconnect with its last seq and read on."""
         old = side.conn
-        assert old is not None and side.reader is not None
+        assert isinstance(old, Connection) and side.reader is not None
         await asyncio.wait_for(asyncio.shield(side.reader), self.options.timeout)
         if side.last_seq is not None:
             old.last_seq = side.last_seq  # the last frame recorded (not one discarded after the cut)
@@ -447,17 +485,35 @@ class _Run:
         self.result.latency_ms["resume"].append(1000.0 * (time.perf_counter() - started))
         side.reader = asyncio.ensure_future(side.read_all(deadline))
 
+    def reach_burst(self) -> None:
+        """One more call is bursting (or failed before); once all are, ``during`` starts."""
+        self.bursting += 1
+        if self.bursting == self.options.calls and self.during is not None:
+            asyncio.ensure_future(self._run_during(self.during))
+
+    async def _run_during(self, during: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await during()
+        except Exception as exc:  # noqa: BLE001 - what went wrong is the run's finding
+            self.result.unexpected_errors += 1
+            self.result.fail(f"during the burst: {type(exc).__name__}: {exc}")
+        finally:
+            self.during_done.set()
+
     async def call(self, index: int, deadline: float) -> None:
         """One call from creation to its verified end; counts it ok or failed."""
         mid_run = index in self.ends_mid_run
         sides: list[Side] = []
+        bursting = [False]
         try:
-            ok = await self._call(index, mid_run, self.cut_role.get(index), sides, deadline)
+            ok = await self._call(index, mid_run, self.cut_role.get(index), sides, deadline, bursting)
         except Exception as exc:  # any failure of the server or the network is a finding, not a crash
             ok = False
             self.result.unexpected_errors += 1
             self.result.fail(f"call #{index}: {type(exc).__name__}: {exc}")
         finally:
+            if not bursting[0]:
+                self.reach_burst()
             if mid_run:
                 self.mid_run_pending -= 1
                 if self.mid_run_pending == 0:
@@ -477,7 +533,10 @@ class _Run:
         """With several nodes: call ``index``'s create, join, host and guest each go to the next node."""
         return self.clients[(index + offset) % len(self.clients)]
 
-    async def _call(self, index: int, mid_run: bool, cut_role: str | None, sides: list[Side], deadline: float) -> bool:
+    async def _call(
+        self, index: int, mid_run: bool, cut_role: str | None, sides: list[Side], deadline: float,
+        bursting: list[bool],
+    ) -> bool:
         timeout = self.options.timeout
         host_sub, guest_sub = f"stress-{index}-host", f"stress-{index}-guest"
         created = await self.rest("create", self.node(index, 0).create_call(
@@ -496,7 +555,9 @@ class _Run:
         await asyncio.wait_for(asyncio.gather(host.both_connected.wait(), guest.both_connected.wait()), timeout)
         if self.first_offer is None:
             self.first_offer = time.perf_counter()
-        ok = await self._exchange(host, guest, cut_role, deadline)
+        ok = await self._exchange(host, guest, cut_role, deadline, bursting)
+        left = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        await asyncio.wait_for(self.during_done.wait(), left)  # calls end once the servers are left alone
         if mid_run:
             self.result.ended_mid_run += 1
             return await self._end(call_id, host, sides) and ok
@@ -506,7 +567,9 @@ class _Run:
         ok = all([await s.wait_received(o.sent, timeout) for s, o in ((host, guest), (guest, host))]) and ok
         return await self._end(call_id, guest, sides) and ok
 
-    async def _exchange(self, host: Side, guest: Side, cut_role: str | None, deadline: float) -> bool:
+    async def _exchange(
+        self, host: Side, guest: Side, cut_role: str | None, deadline: float, bursting: list[bool],
+    ) -> bool:
         timeout, k = self.options.timeout, self.options.candidates
         host.send("offer", {"type": "offer", "sdp": self.sdp})
         if not await guest.wait_received(1, timeout):
@@ -514,10 +577,14 @@ class _Run:
         guest.send("answer", {"type": "answer", "sdp": self.sdp})
         if not await host.wait_received(1, timeout):
             return False
+        bursting[0] = True
+        self.reach_burst()
         half = k // 2 if cut_role else k
         for i in range(half):
             for side in (host, guest):
                 self.send_candidate(side, i)
+            if self.options.pace:
+                await asyncio.sleep(self.options.pace)  # a sending rate, not a wait for something
         if cut_role:
             away, other = (host, guest) if cut_role == "host" else (guest, host)
             await self._cut(away, other, range(half, k), deadline)
@@ -557,11 +624,38 @@ class _Run:
             self.send_candidate(away, i)
 
     async def _end(self, call_id: str, by: Side, sides: list[Side]) -> bool:
+        if self.options.reconnect:
+            # Both attached again (a ping through and its pong back): a side still reconnecting
+            # when the call ends would find it gone (4404) instead of reading its end.
+            await asyncio.gather(*(side.barrier(self.options.timeout) for side in sides))
         for side in sides:
             side.expect_close = True
-        await self.rest_plain(by.client.end(call_id, by.token))
+        if isinstance(by.conn, Session):
+            await self._end_through(by.conn, call_id, by.token)
+        else:
+            await self.rest_plain(by.client.end(call_id, by.token))
         await asyncio.wait_for(asyncio.gather(*(s.closed.wait() for s in sides)), self.options.timeout)
         return True
+
+    async def _end_through(self, session: Session, call_id: str, token: str) -> None:
+        """End through the node the session is on now; if that node is going, through the next one.
+
+        A retry may find the call ended by the attempt whose answer was lost: 404 then is success.
+        """
+        for attempt in range(len(session.clients) + 2):
+            client = session.clients[(session.clients.index(session.client) + attempt) % len(session.clients)]
+            try:
+                await self.rest_plain(client.end(call_id, token))
+                return
+            except ApiError as exc:
+                if exc.status == 404 and attempt:
+                    return
+                if exc.status != 503:
+                    raise
+            except ConnectionError:
+                pass
+            await asyncio.sleep(0.1 * (attempt + 1))  # a node on its way down or up: try again shortly
+        raise ConnectionError(f"no node ended call {call_id[:8]}")
 
     async def rest_plain(self, work: Any) -> None:
         async with self.rest_slots:
@@ -606,14 +700,18 @@ class _Run:
         self.client.http.close()
 
 
-async def run_stress(base_url: str | Sequence[str], options: StressOptions, progress: Any = None) -> StressResult:
+async def run_stress(
+    base_url: str | Sequence[str], options: StressOptions, progress: Any = None,
+    during: Callable[[], Awaitable[None]] | None = None,
+) -> StressResult:
     """Run the whole stress test against ``base_url`` (or the nodes of a cluster); never raises for server faults.
 
     With several URLs, each call is created on one node, joined through the next, and its
     host's and guest's sockets connect to the two after that, so that they are never on
     the same node. ``progress(run)`` is called twice a second while running, if given.
+    ``during()`` runs once every call is in its candidate burst (see the module docstring).
     """
-    run = _Run([base_url] if isinstance(base_url, str) else list(base_url), options)
+    run = _Run([base_url] if isinstance(base_url, str) else list(base_url), options, during)
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     deadline = loop.time() + options.duration

@@ -22,6 +22,7 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 from signal_srv import messages
+from signal_srv.actor import new_conn
 from signal_srv.call import Connect, Disconnect, Receive
 from signal_srv.config import Config
 from signal_srv.errors import (
@@ -107,7 +108,7 @@ class SignalingSocket(WebSocketHandler):
         self.config = config
         self.limits = limits
         self.metrics = metrics
-        self.conn = id(self)
+        self.conn = new_conn()
         self.awaiting_pong_since: float | None = None
         self._actor: CallRef | None = None
         self._closed = False
@@ -145,8 +146,21 @@ class SignalingSocket(WebSocketHandler):
         return False
 
     def prepare(self) -> None:
-        """Refuse a handshake over its address's connect rate with ``429`` before upgrading it:
-        the cheapest answer to a connect flood (a browser sees a failed connect and backs off)."""
+        """Refuse a handshake before upgrading it: while the server stops, with ``503
+        shutting_down``; over its address's connect rate, with ``429`` (the cheapest answer to a
+        connect flood: a browser sees a failed connect and backs off).
+
+        (A draining server closes every connection after its answer, which would turn a ``101``
+        into ``Connection: close``, a broken upgrade; a plain 503 tells the client to go
+        elsewhere or come back, as a REST request would be told.)
+        """
+        if self.registry.closing:
+            error = ShuttingDown()
+            self.set_status(error.status)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.set_header("Retry-After", "1")
+            self.finish(messages.to_json({"error": {"code": error.code, "message": error.message}}))
+            return
         now = time.monotonic()
         self._ip_budget = self.limits.budgets.of_ip(self.request.remote_ip or "", now)
         wait = self._ip_budget.connect(now)

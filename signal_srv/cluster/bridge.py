@@ -22,7 +22,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from signal_srv.actor import CallActor, CallSummary, Socket
+from signal_srv.actor import CallActor, CallSummary, Socket, new_conn
 from signal_srv.call import Connect, Disconnect, Event, Restart
 from signal_srv.cluster.directory import inbox_key
 from signal_srv.cluster.link import RedisLink
@@ -62,7 +62,7 @@ class RemoteSocket:
         self.node = node
         self.remote_conn = conn
         self.call_id = call_id
-        self.conn = id(self)
+        self.conn = new_conn()
 
     def send(self, text: str) -> None:
         self.bridge.to_node(self.node, {"k": "send", "conn": self.remote_conn, "text": text})
@@ -162,10 +162,12 @@ class Bridge:
         self.heartbeat_timeout = heartbeat_timeout
         self.registry: Registry | None = None
         # Set by the placement: hand an idle call over to a node (its data and new epoch, once
-        # the epoch moved), adopt a call handed to us, and where a call that left us went.
+        # the epoch moved), adopt a call handed to us, where a call that left us went, and
+        # whether a call ended here (rather than left).
         self.hand_over: Callable[[CallActor, str, Callable[[dict[str, Any], int], None]], bool] = _never
         self.adopt: Callable[[dict[str, Any], int], CallActor] = _cannot_adopt
         self.moved_to: Callable[[str], str | None] = lambda call_id: None
+        self.ended_here: Callable[[str], bool] = lambda call_id: True
         self._inbox = inbox_key(node_id)
         self.inbox_ready = asyncio.Event()
         self._ids = itertools.count(1)
@@ -298,12 +300,13 @@ class Bridge:
             return
         event = decode_event(message["ev"])
         socket: RemoteSocket | None = None
-        if actor is not None and message.get("move"):
+        if actor is not None and message.get("move") and reply_to != self.node_id:  # (forwarded back here: stay)
             if self.hand_over(actor, reply_to, lambda data, epoch: self._handed_over(data, epoch, reply_to, request)):
                 return
         try:
-            if actor is None or not actor.alive:
-                raise CallNotFound()
+            if actor is None:
+                # Not held here (any more): gone for good if it ended here, else the asker looks again.
+                raise CallNotFound() if self.ended_here(message["call"]) else CallMoved()
             if isinstance(event, Describe):
                 described = asyncio.ensure_future(actor.describe(DESCRIBE_TIMEOUT, event.peers))
                 described.add_done_callback(lambda done: self._answered(done, reply_to, request, None))

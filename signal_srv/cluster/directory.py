@@ -23,7 +23,7 @@ from signal_srv.cluster.link import RedisLink
 from signal_srv.cluster.wire import decode_summary, encode_summary
 from signal_srv.errors import CallNotFound
 
-__all__ = ["Directory", "Heartbeat", "Owner", "Taken", "call_key", "inbox_key", "log_key"]
+__all__ = ["Command", "Directory", "Heartbeat", "Owner", "Taken", "call_key", "inbox_key", "log_key"]
 
 PREFIX = "sig:"
 NODES = PREFIX + "{calls}:nodes"
@@ -34,6 +34,7 @@ OWNED = PREFIX + "{calls}:owned:"  # + node: the calls the index lists for that 
 WALK_BUDGET = 5000  # index entries one listing may walk past (entries of lapsed nodes are skipped)
 
 Owner = tuple[str, int]
+Command = tuple[str, list[str], list[Any]]  # a script's name, keys and arguments, to run in a pipeline
 
 
 def call_key(call_id: str) -> str:
@@ -84,18 +85,17 @@ class Directory:
         owner, epoch = await self.link.run(lambda r: r.hmget(call_key(call_id), ["owner", "epoch"]))
         return None if owner is None or epoch is None else (str(owner), int(epoch))
 
-    async def fenced(self, call_id: str, epoch: int, op: str, new_owner: str = "") -> int:
+    def fenced(self, call_id: str, epoch: int, op: str, new_owner: str = "") -> Command:
         """``touch`` (renew the TTLs), ``delete`` (with its log) or ``move`` (compare-and-set to ``new_owner``).
 
-        Returns 0 when the call is no longer this node's at ``epoch``; else 1, or the new epoch for a move.
+        Its result is 0 when the call is no longer this node's at ``epoch``; else 1, or the new epoch for a move.
         """
-        args = [self.node_id, epoch, op, self.call_ttl_ms, new_owner]
-        return int(await self.link.script("fenced", [call_key(call_id), log_key(call_id)], args))
+        return "fenced", [call_key(call_id), log_key(call_id)], [self.node_id, epoch, op, self.call_ttl_ms, new_owner]
 
     async def take(self, call_id: str, owner: Owner) -> Taken | None:
         """Take the call over from ``owner`` (whose lease ran out); None if someone else moved it first.
 
-        Raises ``CallNotFound`` for a call whose creator died before it was ever written whole.
+        Raises ``CallNotFound`` for a call that is gone, or whose creator died before it was ever written whole.
         """
         reply = await self.link.script("take", [call_key(call_id), log_key(call_id)],
                                        [owner[0], owner[1], self.node_id, self.call_ttl_ms])
@@ -105,15 +105,15 @@ class Directory:
             return None
         return Taken(int(reply[0]), json.loads(reply[1]), [json.loads(entry) for entry in reply[2:]])
 
-    async def publish(self, summary: CallSummary, epoch: int) -> bool:
+    def publish(self, summary: CallSummary, epoch: int) -> Command:
+        """Put the call's summary in the index (refused if a newer epoch published it)."""
         keys = [SUMMARIES, INDEX[Status.WAITING], INDEX[Status.ACTIVE], ORDER, OWNED + self.node_id]
         entry = json.dumps(encode_summary(summary), separators=(",", ":"))
-        args = [summary.call_id, epoch, summary.status, entry, self.node_id, OWNED]
-        return bool(await self.link.script("index_put", keys, args))
+        return "index_put", keys, [summary.call_id, epoch, summary.status, entry, self.node_id, OWNED]
 
-    async def unpublish(self, call_id: str, epoch: int) -> bool:
-        keys = [SUMMARIES, INDEX[Status.WAITING], INDEX[Status.ACTIVE]]
-        return bool(await self.link.script("index_drop", keys, [call_id, epoch, OWNED]))
+    def unpublish(self, call_id: str, epoch: int) -> Command:
+        """Take an ended call out of the index (refused if a newer epoch owns the entry)."""
+        return "index_drop", [SUMMARIES, INDEX[Status.WAITING], INDEX[Status.ACTIVE]], [call_id, epoch, OWNED]
 
     async def forget_entry(self, call_id: str, node: str) -> None:
         """Drop the index entry of a call whose records are gone (it expired with a node that died)."""

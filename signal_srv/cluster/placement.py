@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from signal_srv.actor import CallActor, CallSummary
 from signal_srv.call import Status
 from signal_srv.cluster.bridge import SERVICE_RESTART, Bridge, RemoteCall
-from signal_srv.cluster.directory import Directory, Heartbeat, Owner
+from signal_srv.cluster.directory import Command, Directory, Heartbeat, Owner
 from signal_srv.cluster.link import RedisLink
 from signal_srv.cluster.log import Journal, replay
 from signal_srv.cluster.outbox import Outbox
@@ -67,6 +67,7 @@ class ClusterPlacement:
         self.registry: Registry | None = None
         self._epochs: dict[str, int] = {}  # calls owned here -> their epoch
         self._moved: dict[str, str] = {}  # calls handed over -> their new owner (most recent MOVED_KEPT)
+        self._ended: dict[str, None] = {}  # calls that ended here (most recent MOVED_KEPT)
         self.stats = ClusterStats(metrics, owned=lambda: len(self._epochs))
         self.link = RedisLink(config.redis_url, min(config.ask_timeout / 2, 2.0), self.stats, BLOCK_MS)
         self.directory = Directory(self.link, self.member, KEY_TTL, config.node_lease)
@@ -76,7 +77,6 @@ class ClusterPlacement:
         self.bridge = Bridge(self.member, self.link, self.outbox, self.stats,
                              config.heartbeat_interval, config.heartbeat_timeout)
         self._dirty: dict[str, CallActor] = {}
-        self._stale: set[str] = set()  # owned calls whose index entry could not be written
         self._live: set[str] = set()
         self._leased = False
         self._leaving = False
@@ -93,6 +93,7 @@ class ClusterPlacement:
         self.bridge.hand_over = self._hand_over
         self.bridge.adopt = self._adopt
         self.bridge.moved_to = self._moved.get
+        self.bridge.ended_here = self._ended.__contains__
 
     async def start(self) -> None:
         self.link.start()
@@ -147,41 +148,35 @@ class ClusterPlacement:
         await self.outbox.call(_nothing)
 
     def _publish_dirty(self) -> None:
-        self.journal.flush()  # what a summary shows is logged ahead of it
         dirty, self._dirty = self._dirty, {}
         for actor in dirty.values():
             epoch = self._epochs.get(actor.call_id)
             if epoch is not None and actor.alive:
-                self._queue(self._publish(actor, actor.summary(peers=True), epoch))
-
-    async def _publish(self, actor: CallActor, summary: CallSummary, epoch: int) -> None:
-        try:
-            held = await self.directory.fenced(actor.call_id, epoch, "touch") and await self.directory.publish(
-                summary, epoch)
-        except Unavailable:
-            self._stale.add(actor.call_id)
-            return
-        self._stale.discard(actor.call_id)
-        if not held:
-            self._lost(actor)
+                self._write(self.directory.fenced(actor.call_id, epoch, "touch"), self._held(actor, epoch))
+                self._write(self.directory.publish(actor.summary(peers=True), epoch))
 
     def released(self, actor: CallActor) -> None:
         epoch = self._epochs.pop(actor.call_id, None)
-        self._stale.discard(actor.call_id)
         self.journal.forget(actor.call_id)
+        _remember(self._ended, actor.call_id, None)
         if epoch is not None:
-            self._queue(self._unpublish(actor.call_id, epoch))
+            self._unpublish(actor.call_id, epoch)
 
-    async def _unpublish(self, call_id: str, epoch: int) -> None:
-        try:
-            await self.directory.unpublish(call_id, epoch)
-            await self.directory.fenced(call_id, epoch, "delete")
-        except Unavailable:
-            pass  # the entry goes when a survivor finds the record gone, the record with its TTL
+    def _unpublish(self, call_id: str, epoch: int) -> None:
+        self._write(self.directory.unpublish(call_id, epoch))
+        self._write(self.directory.fenced(call_id, epoch, "delete"))
 
-    def _queue(self, work: Awaitable[None]) -> None:
+    def _write(self, command: Command, done: Callable[[Any], None] = lambda result: None) -> None:
+        """Queue a script in the node's ordered pipeline, after everything its calls logged so far."""
         self.journal.flush()
-        self.outbox.call(lambda: work).add_done_callback(_report)
+        self.outbox.script(*command, done)
+
+    def _held(self, actor: CallActor, epoch: int) -> Callable[[Any], None]:
+        """What to do with a fenced write's result: a refusal means another node owns the call now."""
+        def check(result: Any) -> None:
+            if result != 1 and self._epochs.get(actor.call_id) == epoch:
+                self._lost(actor)
+        return check
 
     def _refused(self, call_id: str) -> None:
         """The journal's write for a call was refused: another node took it."""
@@ -215,18 +210,10 @@ class ClusterPlacement:
         data["n"] = self.journal.last_entry(actor.call_id)
         del self._epochs[actor.call_id]
         self.journal.forget(actor.call_id)
-        self._moved[actor.call_id] = node
-        while len(self._moved) > MOVED_KEPT:
-            del self._moved[next(iter(self._moved))]
+        _remember(self._moved, actor.call_id, node)
 
-        async def move() -> None:
-            try:
-                new_epoch = await self.directory.fenced(actor.call_id, epoch, "move", node)
-            except Unavailable:
-                new_epoch = 0
-            done(data, new_epoch)
-
-        self._queue(move())
+        self._write(self.directory.fenced(actor.call_id, epoch, "move", node),
+                    lambda result: done(data, result if isinstance(result, int) else 0))
         return True
 
     def _adopt(self, data: dict[str, Any], epoch: int) -> CallActor:
@@ -235,6 +222,8 @@ class ClusterPlacement:
         self._moved.pop(data["call_id"], None)
         actor = self.registry.adopt(data)
         self.journal.begin(actor, epoch, data["n"])
+        if self._leaving:  # it moved here as this node stops: it goes on elsewhere, as the others do
+            asyncio.ensure_future(actor.restart())
         return actor
 
     # Calls owned elsewhere -------------------------------------------------------------------
@@ -270,6 +259,10 @@ class ClusterPlacement:
         (no such call, or it had ended), ``Unavailable`` (not now), or returns where it lives now."""
         if call_id in self._taking:
             return await asyncio.shield(self._taking[call_id])
+        assert self.registry is not None
+        held = self.registry.local(call_id)
+        if held is not None and held.alive:
+            return held  # taken over here meanwhile (as the owner was read)
         if not self._may_take_over():
             raise Unavailable("the call's node is gone and this node cannot take it over yet; try again")
         taking: asyncio.Future[CallActor] = asyncio.get_running_loop().create_future()
@@ -293,7 +286,7 @@ class ClusterPlacement:
             raise CallMoved()  # another node was first: the asker looks the call up again
         call, last = replay(taken, self.registry.rules, self.registry.held, time.monotonic(), time.time())
         if call.status is Status.ENDED:  # its end was logged, not yet cleaned up
-            self._queue(self._unpublish(call_id, taken.epoch))
+            self._unpublish(call_id, taken.epoch)
             raise CallNotFound()
         self._epochs[call_id] = taken.epoch
         self.bridge.owner_gone(call_id)
@@ -380,7 +373,8 @@ class ClusterPlacement:
         for call_id in list(self._epochs):
             actor = self.registry.local(call_id)
             if actor is not None:
-                self._queue(self._touch(actor, self._epochs[call_id]))
+                self._write(self.directory.fenced(call_id, self._epochs[call_id], "touch"),
+                            self._held(actor, self._epochs[call_id]))
         self.bridge.close_bridged("reconnect")
 
     async def _adopt_orphans(self, beat: Heartbeat) -> None:
@@ -424,31 +418,24 @@ class ClusterPlacement:
             pass  # gone, taken by another node, or not now: the next beat looks again
 
     async def _keep_keys(self) -> None:
-        """Renew the ownership records of our calls (fenced: a refusal means we lost one); retry stale entries."""
+        """Renew the records of our calls before they expire (fenced: a refusal means we lost one)."""
         await self.link.connected.wait()
         while True:
-            await asyncio.sleep(min(KEY_TTL / 3, 5.0 if self._stale else KEY_TTL / 3))
+            await asyncio.sleep(KEY_TTL / 3)
             assert self.registry is not None
             for call_id in list(self._epochs):
                 actor = self.registry.local(call_id)
-                if actor is not None and call_id in self._epochs:
-                    self._refresh(actor, call_id in self._stale)
+                epoch = self._epochs.get(call_id)
+                if actor is not None and epoch is not None:
+                    self._write(self.directory.fenced(call_id, epoch, "touch"), self._held(actor, epoch))
                     await asyncio.sleep(0)
 
-    def _refresh(self, actor: CallActor, republish: bool) -> None:
-        epoch = self._epochs[actor.call_id]
-        if republish:
-            self._queue(self._publish(actor, actor.summary(peers=True), epoch))
-        else:
-            self._queue(self._touch(actor, epoch))
 
-    async def _touch(self, actor: CallActor, epoch: int) -> None:
-        try:
-            held = await self.directory.fenced(actor.call_id, epoch, "touch")
-        except Unavailable:
-            return
-        if not held and self._epochs.get(actor.call_id) == epoch:
-            self._lost(actor)
+def _remember(kept: dict[str, Any], key: str, value: Any) -> None:
+    """Add to a record of recent calls that keeps the newest ``MOVED_KEPT``."""
+    kept[key] = value
+    while len(kept) > MOVED_KEPT:
+        del kept[next(iter(kept))]
 
 
 def _hashed_to(call_id: str, live: list[str]) -> str:
@@ -465,6 +452,3 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _report(done: asyncio.Future[None]) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        logger.error("a cluster write failed", exc_info=done.exception())

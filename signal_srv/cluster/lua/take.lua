@@ -2,10 +2,13 @@
 -- the call's snapshot and log, read in the same step.
 -- KEYS[1] call:{id}   KEYS[2] call:{id}:log
 -- ARGV[1] expected owner   ARGV[2] expected epoch   ARGV[3] new owner   ARGV[4] ttl ms
--- Returns {0} if the owner or epoch moved on, {-1} for a call whose creator died before its
--- first snapshot (never announced to anyone: it is dropped), else {new epoch, snapshot,
+-- Returns {0} if the owner or epoch moved on, {-1} for a call that is gone or whose creator
+-- died before its first snapshot (never announced to anyone: it is dropped), else {new epoch, snapshot,
 -- entries...}. Asking again after a lost reply (the call is ours already) answers the same.
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'snap')
+if not cur[1] then
+  return {-1}  -- no such call (any more)
+end
 local epoch = tonumber(ARGV[2]) + 1
 if not (cur[1] == ARGV[3] and tonumber(cur[2]) == epoch) then
   if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then

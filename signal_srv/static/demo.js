@@ -20,6 +20,8 @@ const STORAGE_PREFIX = 'signal_srv.call.';
 const ACCESS_TOKEN_KEY = 'signal_srv.access_token';
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 10000;
+const RESTART_JITTER_MS = 500; // after the server says it restarts: reconnect at once, spread over this
+const UNACKED_LIMIT = 1000; // numbered frames kept until the server confirms them
 const RECONNECT_ATTEMPTS = 12;
 const PING_INTERVAL_MS = 15000;
 const PONG_TIMEOUT_MS = 10000;
@@ -114,18 +116,25 @@ const credentials = {
 
 // One call's WebSocket. Reconnects with exponential backoff and jitter after any close
 // that is not final (FINAL_CLOSE), asking with `last_seq` for every frame it missed
-// (the server's lossless resume), keeps frames sent while down and flushes them on the
-// next open, and detects a dead socket with application pings.
+// (the server's lossless resume), and detects a dead socket with application pings.
+// Every frame it sends is numbered (`cseq`) and kept until a connect's `last_cseq` says
+// the server has it; on each connect it resends, first, what the server did not accept
+// (sent into a dying socket, or while there was none). When the server restarts
+// (`server_shutdown` with `reconnect`, close 1012) it reconnects at once, with jitter.
 class Signaling {
   constructor({ callId, peerId, token, onMessage, onStatus }) {
     this.url = new URL(`${API}/ws`, location.href);
     this.url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
     this.query = { call_id: callId, peer_id: peerId, token };
+    this.peerId = peerId;
     this.lastSeq = null;       // `seq` of the last frame received, for a lossless resume
+    this.cseq = 0;             // the last `cseq` used
+    this.unacked = [];         // [cseq, frame] the server has not confirmed yet
+    this.ready = false;        // this socket's own state arrived: numbered frames go out
+    this.restarting = false;   // the server said it restarts: reconnect at once
     this.onMessage = onMessage;
     this.onStatus = onStatus;
     this.ws = null;
-    this.outbox = [];
     this.attempt = 0;
     this.stopped = false;
     this.retryTimer = null;
@@ -148,14 +157,25 @@ class Signaling {
       this.ws.close(1000, 'bye');
       this.ws = null;
     }
-    this.outbox = [];
+    this.unacked = [];
     this.#setStatus('closed');
   }
 
   send(type, payload) {
-    const frame = JSON.stringify({ type, payload });
-    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(frame);
-    else this.outbox.push(frame);
+    this.cseq += 1;
+    const frame = JSON.stringify({ type, payload, cseq: this.cseq });
+    this.unacked.push([this.cseq, frame]);
+    if (this.unacked.length > UNACKED_LIMIT) this.unacked.shift();
+    if (this.ready && this.ws?.readyState === WebSocket.OPEN) this.ws.send(frame);
+  }
+
+  // The state of this socket's own connect: drop what the server has, resend the rest.
+  #acknowledge(lastCseq) {
+    const accepted = Number.isInteger(lastCseq) ? lastCseq : 0;
+    this.unacked = this.unacked.filter(([cseq]) => cseq > accepted);
+    this.cseq = Math.max(this.cseq, accepted);
+    for (const [, frame] of this.unacked) this.ws.send(frame);
+    this.ready = true;
   }
 
   #open() {
@@ -163,10 +183,10 @@ class Signaling {
     const query = new URLSearchParams(this.query);
     if (this.lastSeq !== null) query.set('last_seq', String(this.lastSeq));
     this.url.search = query;
+    this.ready = false;
     const ws = this.ws = new WebSocket(this.url);
     ws.onopen = () => {
       this.#setStatus('open');
-      for (const frame of this.outbox.splice(0)) ws.send(frame);
       this.#startPings();
     };
     ws.onmessage = (event) => {
@@ -182,6 +202,10 @@ class Signaling {
         clearTimeout(this.pongTimer);
         return;
       }
+      if (message.type === 'state' && message.subject === this.peerId && 'last_cseq' in message) {
+        this.#acknowledge(message.last_cseq);
+      }
+      if (message.type === 'server_shutdown' && message.reconnect) this.restarting = true;
       this.onMessage(message);
     };
     ws.onclose = (event) => this.#closed(ws, event.code, event.reason);
@@ -197,6 +221,14 @@ class Signaling {
     if (final || this.attempt >= RECONNECT_ATTEMPTS) {
       this.stopped = true;
       this.#setStatus('closed', { code, reason: final ?? 'gave_up' });
+      return;
+    }
+    if (this.restarting || code === 1012) {
+      // The server restarts and the call goes on elsewhere: at once, spread over a moment.
+      this.restarting = false;
+      this.attempt += 1;
+      this.#setStatus('reconnecting', { code, delay: 0, lastSeq: this.lastSeq });
+      this.retryTimer = setTimeout(() => this.#open(), Math.random() * RESTART_JITTER_MS);
       return;
     }
     const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** this.attempt);
@@ -581,7 +613,7 @@ class Demo {
       case 'answer':
       case 'candidate': return this.peer.receive(message.type, message.payload);
       case 'call_ended': return this.finish(REASONS[message.reason] ?? 'The call is over.');
-      case 'server_shutdown': return this.#say('call', 'The server is restarting…');
+      case 'server_shutdown': return this.#say('call', message.reconnect ? '' : 'The server is restarting…');
       case 'error': return this.onError(message);
       default: return undefined;
     }
@@ -623,7 +655,8 @@ class Demo {
     const resume = status === 'reconnecting' && detail.lastSeq != null ? ` (resuming after seq ${detail.lastSeq})` : '';
     this.log(`signaling ${status}${code}${resume}`);
     if (status === 'open') this.awaitingState = true;
-    if (status === 'reconnecting') this.#say('socket', `Connection to the server lost; reconnecting (attempt ${this.signaling?.attempt ?? 1})…`);
+    if (status === 'reconnecting' && detail.code === 1012) this.#say('socket', 'The server is restarting; reconnecting…');
+    else if (status === 'reconnecting') this.#say('socket', `Connection to the server lost; reconnecting (attempt ${this.signaling?.attempt ?? 1})…`);
     if (status === 'open') this.#say('socket', '');
     if (status === 'closed' && detail.reason && this.phase === 'in_call') this.#socketClosed(detail);
     this.render();

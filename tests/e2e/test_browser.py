@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tests.e2e.support import E2E_TIMEOUT, NetNamespace, ServerThread, e2e_config, run_in_netns, skip_or_fail
+from tests.live_server import LiveServer
+from tests.services import Nginx, RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -327,6 +329,52 @@ def test_signaling_drop_reconnects_with_backoff_and_the_call_goes_on(
                 page.wait_remote_video_playing()
                 assert_in_active_call(page, call_id)
             assert host.value("demo.notice") == ""
+
+    run(netns, scenario)
+
+
+def test_a_cluster_node_that_stops_hands_its_call_over_and_both_pages_go_on(
+    chromium: str, netns: NetNamespace, tmp_path: Path
+) -> None:
+    for program in ("redis-server", "nginx"):
+        if shutil.which(program) is None:
+            skip_or_fail(f"{program} is missing: apt-get install {program}")
+
+    def scenario() -> None:
+        redis = RedisServer(tmp_path).start()
+        nodes = [LiveServer(redis_url=redis.url, node_id=f"b{i}", node_lease=2, allowed_origins="*",
+                            heartbeat_interval=5, heartbeat_timeout=5).start() for i in range(2)]
+        proxy = None
+        try:
+            for node in nodes:
+                node.wait_for_log("holds its lease")
+            proxy = Nginx(tmp_path, [node.port for node in nodes]).start()
+            with browser(chromium) as chrome:
+                host, guest, call_id = start_call(chrome, proxy.base_url, "restart")
+                for page in (host, guest):
+                    page.wait_remote_video_playing()
+                member = redis.cli("HGET", f"sig:call:{{{call_id}}}", "owner")
+                owner = next(node for i, node in enumerate(nodes) if member.startswith(f"b{i}/"))
+                owner.terminate()  # SIGTERM: the node hands the call over
+                assert owner.wait_exited() == 0
+                for page in (host, guest):
+                    page.wait("demo.events.some(e => e.includes('signaling reconnecting (close code 1012)'))")
+                    page.wait("demo.socket === 'open' && demo.state.participants.connected === 2")
+                    assert page.value("demo.phase") == "in_call"
+                    assert page.value("demo.pc.connectionState") == "connected"
+                    page.wait_remote_video_playing()
+                    assert_in_active_call(page, call_id)
+                assert not owner.problems(), owner.problems()
+                host.page.click("#hang-up")  # signaling works through the node that took the call over
+                for page in (host, guest):
+                    page.wait("demo.phase === 'ended'")
+                    assert "The call was ended." in page.value("demo.notice")
+        finally:
+            if proxy is not None:
+                proxy.stop()
+            for node in nodes:
+                node.stop()
+            redis.stop()
 
     run(netns, scenario)
 

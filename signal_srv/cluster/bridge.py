@@ -162,12 +162,14 @@ class Bridge:
         self.heartbeat_timeout = heartbeat_timeout
         self.registry: Registry | None = None
         # Set by the placement: hand an idle call over to a node (its data and new epoch, once
-        # the epoch moved), adopt a call handed to us, where a call that left us went, and
-        # whether a call ended here (rather than left).
+        # the epoch moved), adopt a call handed to us, where a call that left us went,
+        # whether a call ended here (rather than left), and what to do about a node that
+        # let a call go or is leaving.
         self.hand_over: Callable[[CallActor, str, Callable[[dict[str, Any], int], None]], bool] = _never
         self.adopt: Callable[[dict[str, Any], int], CallActor] = _cannot_adopt
         self.moved_to: Callable[[str], str | None] = lambda call_id: None
         self.ended_here: Callable[[str], bool] = lambda call_id: True
+        self.owner_doubtful: Callable[[str], None] = lambda node: None
         self._inbox = inbox_key(node_id)
         self.inbox_ready = asyncio.Event()
         self._ids = itertools.count(1)
@@ -211,9 +213,11 @@ class Bridge:
             if not self.link.reachable:
                 raise Unavailable() from None
             raise CallBusy("the call did not answer in time") from None
-        except SignalError:
+        except SignalError as exc:
             if conn is not None:
                 self._bridged.pop(conn, None)
+            if isinstance(exc, CallMoved):
+                self.owner_doubtful(call.owner)  # it let the call go: look it up afresh
             raise
         finally:
             self._pending.pop(request, None)
@@ -420,6 +424,11 @@ class Bridge:
                                          "ev": encode_event(Restart(conn))})
         return len(self._bridged)
 
+    def leaving(self, nodes: set[str]) -> None:
+        """Tell ``nodes`` that this one gives up its lease now (they take its calls over at once)."""
+        for node in nodes - {self.node_id}:
+            self.to_node(node, {"k": "leaving", "from": self.node_id})
+
     @property
     def bridged(self) -> int:
         return len(self._bridged)
@@ -472,6 +481,8 @@ class Bridge:
                 self._on_ask(message)
             elif kind == "reply":
                 self._on_reply(message)
+            elif kind == "leaving":
+                self.owner_doubtful(message["from"])
             else:
                 self._on_frame(message)
         except Exception:

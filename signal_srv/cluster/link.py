@@ -54,6 +54,7 @@ class RedisLink:
         self.back_since = -math.inf  # monotonic: when Redis answered again after an outage
         self.cluster = False
         self.connected = asyncio.Event()
+        self._slots = asyncio.Semaphore(POOL_SIZE)  # commands in flight (the blocking inbox read has its own client)
         self._connector: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -118,12 +119,15 @@ class RedisLink:
         client = self.client
         if client is None:
             raise Unavailable()
-        started = time.perf_counter()
-        try:
-            result = await asyncio.wait_for(command(client), self.timeout)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.failed(exc)
-            raise Unavailable() from None
+        # A burst of commands (thousands of sockets reconnecting at once) waits for a connection
+        # here: that wait is this node's queue, not Redis failing to answer, so it is not timed.
+        async with self._slots:
+            started = time.perf_counter()
+            try:
+                result = await asyncio.wait_for(command(client), self.timeout)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.failed(exc)
+                raise Unavailable() from None
         self.stats.redis_seconds.observe(time.perf_counter() - started)
         self.succeeded()
         return result

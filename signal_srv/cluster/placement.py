@@ -19,8 +19,10 @@ a node restarted under the same ``node_id`` is not mistaken for the one that wen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import math
 import secrets
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -78,6 +80,8 @@ class ClusterPlacement:
                              config.heartbeat_interval, config.heartbeat_timeout)
         self._dirty: dict[str, CallActor] = {}
         self._live: set[str] = set()
+        self._lease_ends: dict[str, float] = {}  # live nodes as of the last beat -> when their lease ends (monotonic)
+        self._wake_lease = asyncio.Event()  # beat now (a node said it leaves)
         self._leased = False
         self._leaving = False
         self._cursor = "0"
@@ -94,6 +98,7 @@ class ClusterPlacement:
         self.bridge.adopt = self._adopt
         self.bridge.moved_to = self._moved.get
         self.bridge.ended_here = self._ended.__contains__
+        self.bridge.owner_doubtful = self._doubt
 
     async def start(self) -> None:
         self.link.start()
@@ -232,13 +237,15 @@ class ClusterPlacement:
         if call_id in self._taking:
             return await asyncio.shield(self._taking[call_id])
         moved_to = self._moved.get(call_id)
-        if moved_to is not None and moved_to in self._live:
+        if moved_to is not None and self._holds_lease(moved_to):
             return RemoteCall(self.bridge, call_id, moved_to)  # handed over from here (Redis may not say so yet)
-        # Both at once: the owner's lease is read now, not from the last heartbeat, so a
-        # request never waits ask_timeout for a node that is gone.
-        owner, live = await asyncio.gather(self.directory.owner(call_id), self.directory.live_nodes())
+        owner = await self.directory.owner(call_id)
         if owner is None:
             raise CallNotFound()
+        if owner[0] != self.member and self._holds_lease(owner[0]):
+            return RemoteCall(self.bridge, call_id, owner[0])  # (if it died since the last beat, see nodes_gone)
+        # Not live as of the last beat: read the leases now, before taking the call over.
+        live = await self.directory.live_nodes()
         if owner[0] == self.member:
             # Moved here while we looked, or on its way (between the epoch move and its adoption).
             assert self.registry is not None
@@ -248,6 +255,15 @@ class ClusterPlacement:
         elif owner[0] in live:
             return RemoteCall(self.bridge, call_id, owner[0])
         return await self._take_over(call_id, owner)
+
+    def _doubt(self, node: str) -> None:
+        """``node`` let a call go or is leaving: read its lease afresh, and beat soon to see it lapse."""
+        if self._lease_ends.pop(node, None) is not None:
+            self._wake_lease.set()
+
+    def _holds_lease(self, node: str) -> bool:
+        """Live as of the last beat, and its lease has not run out since."""
+        return self._lease_ends.get(node, -math.inf) > time.monotonic()
 
     def _may_take_over(self) -> bool:
         """Not for a lease after Redis came back from an outage: the leases lapsed while it was away,
@@ -321,6 +337,7 @@ class ClusterPlacement:
             await asyncio.wait_for(self.outbox.call(self._resign), CLOSE_TIMEOUT)
         except (TimeoutError, Unavailable):
             pass  # the lease lapses by itself
+        self.bridge.leaving(self._live)
         self.journal.open_gate()
         deadline = time.monotonic() + CLOSE_TIMEOUT
         while asked and self.bridge.bridged and time.monotonic() < deadline:
@@ -343,11 +360,15 @@ class ClusterPlacement:
                 self._leased = False
             except Exception:
                 logger.exception("renewing the lease failed")
-            await asyncio.sleep(pause)
+            self._wake_lease.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_lease.wait(), pause)
 
     async def _beat(self) -> float:
         """Renew the lease and act on what it tells; returns the seconds until the next beat."""
         self._cursor, beat = await self.directory.heartbeat(self._cursor, self.lease * FORGET_NODES_AFTER)
+        now = time.monotonic()
+        self._lease_ends = {node: now + left for node, left in beat.live.items()}
         live = set(beat.live)
         gone = self._live - live
         self._live = live

@@ -864,6 +864,8 @@ def format_table(result: StressResult, options: StressOptions) -> str:
         f"{options.candidates} candidates each way, {options.end_fraction:.0%} ended mid-run, "
         f"{options.cut_fraction:.0%} cut and resumed, auth={'jwt' if options.jwt_secret else 'none'}, "
         f"{d['elapsed']:.1f} s)",
+        *([f"  sockets    reconnecting (cseq); reconnected {d['reconnects']}  calls ended unasked "
+           f"{d['ended_unasked']}"] if options.reconnect else []),
         f"  calls      ok {d['calls_ok']}  failed {d['calls_failed']}  unfinished {d['calls_unfinished']}  "
         f"ended mid-run {d['ended_mid_run']}  cut {d['cuts']} (replayed {d['replayed']})",
         f"  messages   sent {d['sent']}  delivered {d['delivered']}  lost {d['lost']}  duplicated {d['duplicated']}  "
@@ -902,8 +904,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--auth", choices=("none", "jwt"), default="none",
                    help="jwt: mint an access token for every create and join (a spawned server gets auth=jwt and "
                         "a random secret; with --url, the secret comes from SIGNAL_SRV_JWT_SECRET)")
+    p.add_argument("--reconnect", action="store_true",
+                   help="sockets number their frames (cseq) and reconnect by themselves after any close that is "
+                        "not final, to the next node if need be")
+    p.add_argument("--pace", type=float, default=StressOptions.pace,
+                   help="seconds between two candidates of one side, so that a burst lasts (default %(default)s)")
+    p.add_argument("--chaos", choices=("rolling", "kill", "freeze", "redis"),
+                   help="start Redis and --nodes nodes of its own, and once every call is bursting: restart every "
+                        "node in turn (rolling), kill -9 one (kill), SIGSTOP one past its lease (freeze), or restart "
+                        "Redis (redis); implies --reconnect (and --pace 0.1 unless given)")
+    p.add_argument("--nodes", type=int, default=3, help="with --chaos: the nodes to start (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = p.parse_args(argv)
+    if args.chaos and (args.url or args.urls or args.spawn or args.server_dir or args.auth == "jwt"):
+        p.error("--chaos starts its own cluster: no --url, --urls, --spawn, --server-dir or --auth=jwt")
+    if args.chaos and (args.nodes < 2 or args.cut_fraction):
+        p.error("--chaos needs --nodes >= 2 and no --cut-fraction")
+    if args.reconnect and args.cut_fraction:
+        p.error("--reconnect and --cut-fraction exclude each other")
     if args.auth == "jwt" and (args.url or args.urls) and not os.environ.get("SIGNAL_SRV_JWT_SECRET"):
         p.error("--auth=jwt with --url or --urls needs the servers' secret in SIGNAL_SRV_JWT_SECRET")
     if sum(bool(x) for x in (args.url, args.urls, args.spawn)) > 1:
@@ -930,20 +948,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     secret = ""
     if args.auth == "jwt":
         secret = os.environ["SIGNAL_SRV_JWT_SECRET"] if args.url or args.urls else secrets.token_urlsafe(32)
+    pace = args.pace if args.pace or not args.chaos else 0.1
     options = StressOptions(calls=args.calls, candidates=args.candidates, end_fraction=args.end_fraction,
                             cut_fraction=args.cut_fraction, duration=args.duration, timeout=args.timeout,
-                            seed=args.seed, jwt_secret=secret)
+                            seed=args.seed, jwt_secret=secret, reconnect=args.reconnect or bool(args.chaos), pace=pace)
     raise_nofile(4 * options.calls + 1024)
-    urls = args.urls.split(",") if args.urls else [args.url] if args.url else []
-    server = None if urls else spawn_server(options.calls, server_dir=args.server_dir,
-                                            cuts=options.cut_fraction > 0, jwt_secret=secret)
-    try:
-        urls = urls or [server.base_url]  # type: ignore[union-attr]
-        live = _progress_line if sys.stdout.isatty() and not args.json else None
-        result = asyncio.run(run_stress(urls, options, live))
-    finally:
-        if server is not None:
-            server.stop()
+    live = _progress_line if sys.stdout.isatty() and not args.json else None
+    if args.chaos:
+        from signal_srv.chaos import ChaosCluster
+
+        cluster = ChaosCluster(args.nodes).start()
+        try:
+            result = asyncio.run(run_stress(cluster.urls, options, live, during=cluster.fault(args.chaos)))
+        finally:
+            cluster.stop()
+    else:
+        urls = args.urls.split(",") if args.urls else [args.url] if args.url else []
+        server = None if urls else spawn_server(options.calls, server_dir=args.server_dir,
+                                                cuts=options.cut_fraction > 0, jwt_secret=secret)
+        try:
+            result = asyncio.run(run_stress(urls or [server.base_url], options, live))  # type: ignore[union-attr]
+        finally:
+            if server is not None:
+                server.stop()
     if live:
         sys.stdout.write("\n")
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result, options))

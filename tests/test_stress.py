@@ -16,6 +16,7 @@ from signal_srv.messages import to_json
 from signal_srv.stress import StressOptions, format_table, percentiles, run_stress
 from signal_srv.ws import SignalingSocket
 from tests.conftest import TIMEOUT
+from tests.services import needs
 
 
 class Faults:
@@ -301,3 +302,27 @@ def test_the_command_runs_with_auth_jwt_on_its_own_server() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK" in done.stdout and "auth=jwt" in done.stdout
+
+
+@pytest.mark.e2e
+@needs("redis-server", "redis-cli")
+def test_the_command_kills_a_node_of_its_own_cluster_mid_burst_and_loses_nothing() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "signal_srv.stress", "--chaos=kill", "--calls=40", "--candidates=6", "--json",
+         "--duration=60"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert (result["calls_ok"], result["lost"], result["duplicated"], result["ended_unasked"]) == (40, 0, 0, 0)
+    assert result["reconnects"] > 0
+
+
+def test_chaos_starts_its_own_cluster_and_excludes_urls_and_cuts() -> None:
+    from signal_srv.stress import parse_args
+
+    assert parse_args(["--chaos", "freeze"]).chaos == "freeze"
+    for wrong in (["--chaos", "kill", "--url", "http://127.0.0.1:1"], ["--chaos", "kill", "--cut-fraction", "0.1"],
+                  ["--chaos", "kill", "--nodes", "1"], ["--reconnect", "--cut-fraction", "0.1"]):
+        with pytest.raises(SystemExit):
+            parse_args(wrong)

@@ -103,20 +103,6 @@ def _redis_memory(url: str) -> int:
     return int(re.search(r"^used_memory:(\d+)", info, re.M).group(1))  # type: ignore[union-attr]
 
 
-def _wait_ready(base_url: str) -> None:
-    """Until the node answers /readyz with 200: it holds its lease in the cluster."""
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if urllib.request.urlopen(base_url + "/readyz", timeout=5).status == 200:
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{base_url} did not get ready")
-        time.sleep(0.05)  # polling a child process: there is no event to wait on
-
-
 def _owned(base_url: str) -> int:
     text = urllib.request.urlopen(base_url + "/metrics", timeout=5).read().decode()
     return int(float(re.search(r"^signal_srv_calls_owned (\S+)", text, re.M).group(1)))  # type: ignore[union-attr]
@@ -247,7 +233,7 @@ async def _durability(url: str, server: Any, say: Any) -> dict[str, Any]:
 
 
 async def _measure(baseline_dir: str | None, say: Any) -> dict[str, Any]:
-    from signal_srv.stress import spawn_server
+    from signal_srv.stress import spawn_server, wait_ready
 
     results: dict[str, Any] = {}
     spawned: list[Any] = []
@@ -256,7 +242,7 @@ async def _measure(baseline_dir: str | None, say: Any) -> dict[str, Any]:
         s = spawn_server(CALLS, cpu=SERVER_CPU, extra=extra, server_dir=server_dir)
         spawned.append(s)
         if any(arg.startswith("--redis_url") for arg in extra):
-            _wait_ready(s.base_url)
+            wait_ready(s.base_url)
         return Target(SIGNAL, s, int(s.base_url.rsplit(":", 1)[1]))
 
     folder = tempfile.mkdtemp(prefix="signal-srv-bench-")

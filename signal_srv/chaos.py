@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Awaitable, Callable
 
-from signal_srv.stress import Spawned, free_port, spawn
+from signal_srv.stress import Spawned, free_port, spawn, wait_ready
 
 __all__ = ["CHAOS", "ChaosCluster"]
 
@@ -79,7 +79,7 @@ class ChaosCluster:
                 f"--redis_url=redis://127.0.0.1:{self.redis_port}/0", f"--node_id=chaos-{i}",
                 f"--node_lease={LEASE}", *NODE_OPTIONS]
         node = spawn(argv, self.ports[i])
-        _wait_ready(node.base_url)
+        wait_ready(node.base_url)
         return node
 
     def restart(self, i: int) -> None:
@@ -118,19 +118,3 @@ class ChaosCluster:
             await asyncio.to_thread(self.start_redis)
 
         return {"rolling": rolling, "kill": kill, "freeze": freeze, "redis": redis}[chaos]
-
-
-def _wait_ready(base_url: str) -> None:
-    """Until the node answers /readyz with 200: it holds its lease in the cluster."""
-    import urllib.request
-
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if urllib.request.urlopen(base_url + "/readyz", timeout=5).status == 200:
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{base_url} did not get ready")
-        time.sleep(0.05)  # polling a child process: there is no event to wait on

@@ -44,6 +44,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
@@ -64,6 +65,7 @@ __all__ = [
     "raise_nofile",
     "run_stress",
     "spawn_server",
+    "wait_ready",
 ]
 
 RELAY_TYPES = frozenset({"offer", "answer", "candidate", "bye", "message"})
@@ -830,6 +832,20 @@ def spawn(
             time.sleep(0.05)  # polling a child's port: there is no event to wait on
     process.kill()
     raise RuntimeError(f"server did not listen on port {port} within 15 s")
+
+
+def wait_ready(base_url: str, timeout: float = 15.0) -> None:
+    """Until a spawned server answers ``/readyz`` with 200 (a cluster node: once it holds its lease)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(base_url + "/readyz", timeout=5).status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base_url} did not get ready within {timeout:g} s")
+        time.sleep(0.05)  # polling a child process: there is no event to wait on
 
 
 def spawn_server(

@@ -27,13 +27,14 @@ import tempfile
 import time
 from typing import Awaitable, Callable
 
-from signal_srv.stress import Spawned, free_port, spawn, wait_ready
+from signal_srv.stress import GENEROUS_LIMITS, Spawned, free_port, spawn, wait_ready
 
 __all__ = ["CHAOS", "ChaosCluster"]
 
 CHAOS = ("rolling", "kill", "freeze", "redis")
 LEASE = 2.0  # node_lease of the nodes it starts: a lapse is seen within seconds
-NODE_OPTIONS = ("--rate_create=0", "--rate_join=0", "--ws_rate=0", "--max_calls=100000", "--log_level=error")
+NODE_OPTIONS = ("--max_calls=100000", "--log_level=error",
+                *(f"--{name}={value}" for name, value in GENEROUS_LIMITS.items()))
 
 
 class ChaosCluster:

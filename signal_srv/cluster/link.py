@@ -51,7 +51,9 @@ class RedisLink:
         self.blocking: Client | None = None
         self.scripts: dict[str, AsyncScript] = {}
         self.reachable = False
-        self.back_since = -math.inf  # monotonic: when Redis answered again after an outage
+        self.back_since = -math.inf  # monotonic: when Redis answered again after its last outage
+        self.last_outage = 0.0  # how long that outage lasted (seconds)
+        self._down_since = 0.0
         self.cluster = False
         self.connected = asyncio.Event()
         self._slots = asyncio.Semaphore(POOL_SIZE)  # commands in flight (the blocking inbox read has its own client)
@@ -147,12 +149,14 @@ class RedisLink:
         self.stats.redis_errors += 1
         if self.reachable:
             logger.warning("lost Redis: %s", type(exc).__name__)
+            self._down_since = time.monotonic()
         self.reachable = False
 
     def succeeded(self) -> None:
         if not self.reachable and self.connected.is_set():
             logger.info("Redis answers again")
             self.back_since = time.monotonic()
+            self.last_outage = self.back_since - self._down_since
         self.reachable = True
 
 

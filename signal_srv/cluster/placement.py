@@ -266,9 +266,11 @@ class ClusterPlacement:
         return self._lease_ends.get(node, -math.inf) > time.monotonic()
 
     def _may_take_over(self) -> bool:
-        """Not for a lease after Redis came back from an outage: the leases lapsed while it was away,
-        and their nodes are about to renew them."""
-        return self.ready() and time.monotonic() - self.link.back_since >= self.lease
+        """Not for a lease after Redis came back from an outage long enough for leases to lapse
+        meanwhile (a third of one: nodes renew every third): their nodes are about to renew them."""
+        link = self.link
+        held_off = link.last_outage >= self.lease / 3 and time.monotonic() - link.back_since < self.lease
+        return self.ready() and not held_off
 
     async def _take_over(self, call_id: str, owner: Owner) -> CallActor:
         """Carry on a call whose owner's lease lapsed, from its snapshot and log. Raises ``CallNotFound``

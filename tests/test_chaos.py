@@ -23,7 +23,7 @@ from tests.live_server import LiveServer
 from tests.services import RedisServer, needs
 from tests.test_cluster import LEASE, start_node, stop_cleanly
 
-pytestmark = needs("redis-server", "redis-cli")
+pytestmark = [needs("redis-server", "redis-cli"), pytest.mark.e2e]  # real processes, some 30 s
 
 CHAOS = StressOptions(calls=200, candidates=20, end_fraction=0.3, pace=0.1, reconnect=True, timeout=TIMEOUT * 2,
                       duration=TIMEOUT * 12, seed=14)

@@ -204,7 +204,9 @@ def test_the_nginx_snippet_proxies_a_call_and_keeps_the_token_out_of_its_log(
         status, host = https("POST", f"https://{origin}/apiv2/calls")
         assert status == 201
         url = f"wss://{origin}/apiv2/ws?call_id={host['call_id']}&peer_id={host['peer_id']}&token={host['peer_token']}"
-        ws = websocket.create_connection(url, timeout=TIMEOUT, sslopt={"cert_reqs": ssl.CERT_NONE}, suppress_origin=True)
+        # The page's own origin, port included, as a browser sends it: the proxy must pass the port on in Host.
+        ws = websocket.create_connection(url, timeout=TIMEOUT, sslopt={"cert_reqs": ssl.CERT_NONE},
+                                         origin=f"https://{origin}")
         try:
             state = json.loads(ws.recv())
             assert (state["type"], state["event"], state["subject"]) == ("state", "connected", host["peer_id"])

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 from urllib.parse import urlencode
 
 if TYPE_CHECKING:
-    from signal_srv.stress import Spawned, StressOptions
+    from signal_srv.spawn import Spawned
+    from signal_srv.stress import StressOptions
 
 __all__ = ["main", "floor_server", "sweep_probe"]
 
@@ -602,7 +603,7 @@ def start(kind: str, calls: int, server_dir: str | None, auth: str = "none", eve
     """A fresh server of ``kind`` on ``event_loop`` (asyncio or uvloop); signal_srv with ``auth="jwt"``
     gets a random secret, and the target an access token minted with it (grants create and join)
     for every create and join."""
-    from signal_srv.stress import free_port, server_options, spawn, spawn_server
+    from signal_srv.spawn import free_port, server_options, spawn, spawn_server
     from signal_srv.tokens import mint
 
     headers = ""
@@ -677,7 +678,8 @@ async def post_figure(kind: str, plan: Plan, auth: str | None = None) -> dict[st
 
 
 async def stress_figure(plan: Plan) -> dict[str, Any]:
-    from signal_srv.stress import run_stress, spawn_server
+    from signal_srv.spawn import spawn_server
+    from signal_srv.stress import run_stress
 
     secret = base64.urlsafe_b64encode(os.urandom(32)).decode() if plan.auth == "jwt" else ""
     server = spawn_server(plan.stress.calls, cpu=SERVER_CPU, server_dir=plan.server_dir, jwt_secret=secret)
@@ -856,7 +858,7 @@ async def run_plan(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
             say(f"  round {r + 1}: {name} on {kind}")
             raw[kind].setdefault(name, []).append(await make(kind))
 
-    from signal_srv.stress import server_options
+    from signal_srv.spawn import server_options
 
     auths = ("none", "jwt") if "auth" in server_options(plan.server_dir) else ()  # a snapshot may predate auth
     for r in range(plan.rounds):
@@ -1107,7 +1109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         run_cluster_bench(args.baseline_dir, args.json)
         return
-    from signal_srv.stress import raise_nofile
+    from signal_srv.spawn import raise_nofile
 
     plan = make_plan(args.quick, args.server_dir, args.auth)
     raise_nofile(4 * max(plan.levels) + 4096)

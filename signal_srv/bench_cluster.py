@@ -62,7 +62,7 @@ LEASE = 2.0  # node_lease of the nodes of figures (e)-(g)
 
 
 def _redis(folder: str) -> tuple[subprocess.Popen[bytes], str]:
-    from signal_srv.stress import free_port
+    from signal_srv.spawn import free_port
 
     port = free_port()
     process = subprocess.Popen(
@@ -233,7 +233,7 @@ async def _durability(url: str, server: Any, say: Any) -> dict[str, Any]:
 
 
 async def _measure(baseline_dir: str | None, say: Any) -> dict[str, Any]:
-    from signal_srv.stress import spawn_server, wait_ready
+    from signal_srv.spawn import spawn_server, wait_ready
 
     results: dict[str, Any] = {}
     spawned: list[Any] = []
@@ -315,7 +315,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any, str, str]]:
 
 def run_cluster_bench(baseline_dir: str | None, as_json: bool) -> None:
     """Measure, then print a table (or JSON) of the cluster figures."""
-    from signal_srv.stress import raise_nofile
+    from signal_srv.spawn import raise_nofile
 
     if shutil.which("redis-server") is None:
         raise SystemExit("the cluster figures need redis-server (apt-get install redis-server)")

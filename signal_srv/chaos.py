@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Awaitable, Callable
 
-from signal_srv.stress import GENEROUS_LIMITS, Spawned, free_port, spawn, wait_ready
+from signal_srv.spawn import GENEROUS_LIMITS, Spawned, free_port, spawn, wait_ready
 
 __all__ = ["CHAOS", "ChaosCluster"]
 

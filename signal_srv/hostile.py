@@ -36,7 +36,7 @@ from urllib.parse import urlencode
 
 from signal_srv.bench import CANDIDATE_A, CANDIDATE_B, SERVER_CPU, CLIENT_CPU, Http, Load, Target, Ws, http_connect, paced, ws_connect
 from signal_srv.config import Config
-from signal_srv.stress import Spawned, free_port, spawn
+from signal_srv.spawn import Spawned, free_port, spawn
 
 __all__ = ["ATTACKER_IP", "P99_TARGET_MS", "attack", "hostile_figure", "hostile_row"]
 

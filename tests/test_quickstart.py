@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from signal_srv.stress import free_port
+from signal_srv.spawn import free_port
 from tests.conftest import TIMEOUT
 from tests.e2e.support import skip_or_fail
 

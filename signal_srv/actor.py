@@ -20,7 +20,6 @@ decisions in order.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import random
@@ -119,10 +118,6 @@ _WAKE_UP = Envelope(Expire())  # posted by the actor's timer; checked by identit
 _CHANGES_PARTICIPANTS = frozenset({Join, Leave, Remove, Expire})
 
 
-def _digest(token: bytes) -> bytes:
-    return hashlib.sha256(token).digest()
-
-
 @dataclass(frozen=True, slots=True)
 class CallSummary:
     """A read-only snapshot of a call, as the REST API shows it.
@@ -174,7 +169,7 @@ class CallActor:
     ``on_status(actor, effect)`` is called synchronously when the call changes status,
     so that the registry's index is never stale.
 
-    ``vouches_for`` answers from a digest of the participants' tokens that the actor
+    ``vouches_for`` answers from an index of the participants' token digests that the actor
     publishes as a new, never-mutated dict whenever someone joins or leaves: a participant's
     token never changes while it is in the call, so the edges can refuse a wrong token
     without queueing it (it must never crowd out authorized work). The call's own check,
@@ -256,20 +251,24 @@ class CallActor:
             self.created_at, expires, None if expiry is None else expiry.reason, listed,
         )
 
-    def start(self, peer_id: str, peer_token: str, identity: str | None = None, name: str | None = None) -> Joined:
-        """Seat the host; called once, before ``run`` starts."""
-        self.call.handle(Join(peer_id, peer_token, identity, name), time.monotonic())
+    def start(self, peer_id: str, digest: bytes, identity: str | None = None, name: str | None = None) -> Joined:
+        """Seat the host, whose peer token has ``digest``; called once, before ``run`` starts."""
+        self.call.handle(Join(peer_id, digest, identity, name), time.monotonic())
         self._publish_tokens()
         host = self.call.participant(peer_id)
         return Joined(host.role, host.polite, self.summary())
 
-    def vouches_for(self, token: str, peer_id: str | None = None) -> bool:
-        """Whether ``token`` is a participant's (``peer_id``'s, if given), without the inbox."""
-        holder = self._token_holders.get(_digest(token.encode("utf-8", "replace")))
+    def vouches_for(self, digest: bytes, peer_id: str | None = None) -> bool:
+        """Whether ``digest`` is a participant's token digest (``peer_id``'s, if given), without the inbox.
+
+        A plain dict lookup is safe: the caller cannot choose a digest, only a token hashed
+        into one, so the lookup's timing tells it nothing about a participant's token.
+        """
+        holder = self._token_holders.get(digest)
         return holder is not None and (peer_id is None or holder == peer_id)
 
     def _publish_tokens(self) -> None:
-        self._token_holders = {_digest(p.token): p.peer_id for p in self.call.participants.values()}
+        self._token_holders = {p.token_digest: p.peer_id for p in self.call.participants.values()}
 
     def overdue(self, now: float) -> bool:
         """True if the call's deadline has passed (the sweep's backstop check)."""
@@ -515,7 +514,7 @@ class CallActor:
 
     def _result(self, event: Event) -> CallSummary | Joined | str:
         if isinstance(event, Identify):
-            return self.call.authenticate(event.token).peer_id
+            return self.call.authenticate(event.token_digest).peer_id
         summary = self.summary()
         if isinstance(event, Join):
             joiner = self.call.participant(event.peer_id)

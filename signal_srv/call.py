@@ -9,6 +9,9 @@ Rules:
   leaves with reason ``removed``.
 - A participant may carry who it is in the application (``identity``, ``name``, from the
   token it joined with); ``state`` frames show each participant the other one as ``peer``.
+- A participant proves who it is with its peer token, which the call knows only by its
+  SHA-256 digest (``peer_tokens.token_digest``, taken at the edge); digests are compared
+  in constant time.
 - A relayed message goes to every other participant, never to the sender: at once to a
   connected socket, or held in order for one that has joined but is not connected, and
   delivered when it connects. Held messages are kept as JSON text, bounded per participant
@@ -123,21 +126,21 @@ class Join:
     """A new participant; ``identity`` and ``name`` come from its access token (None without)."""
 
     peer_id: str
-    token: str
+    token_digest: bytes
     identity: str | None = None
     name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Leave:
-    token: str
+    token_digest: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """End the call: by the participant holding ``token``, or (None) by an administrator."""
+    """End the call: by the participant whose token has this digest, or (None) by an administrator."""
 
-    token: str | None
+    token_digest: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,7 @@ class Remove:
 @dataclass(frozen=True, slots=True)
 class Connect:
     peer_id: str
-    token: str
+    token_digest: bytes
     conn: int
     last_seq: int | None = None
 
@@ -168,9 +171,9 @@ class Receive:
 
 @dataclass(frozen=True, slots=True)
 class Identify:
-    """Which participant holds ``token``? (For requests that need a peer's identity.)"""
+    """Which participant's token has this digest? (For requests that need a peer's identity.)"""
 
-    token: str
+    token_digest: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +264,7 @@ class Expiry:
 @dataclass(slots=True)
 class Participant:
     peer_id: str
-    token: bytes
+    token_digest: bytes  # SHA-256 of its peer token (peer_tokens.token_digest): the token itself is never kept
     role: str
     away_since: float | None
     identity: str | None = None
@@ -375,7 +378,7 @@ class Call:
         if len(self.participants) >= self.rules.max_participants:
             raise CallFull()
         has_host = any(p.role == "host" for p in self.participants.values())
-        joiner = Participant(event.peer_id, event.token.encode(), "guest" if has_host else "host", away_since=now,
+        joiner = Participant(event.peer_id, event.token_digest, "guest" if has_host else "host", away_since=now,
                              identity=event.identity, name=event.name)
         self.participants[joiner.peer_id] = joiner
         if len(self.participants) > 1:
@@ -386,11 +389,11 @@ class Call:
         return effects
 
     def _leave(self, event: Leave, now: float) -> list[Effect]:
-        return self._remove(self.authenticate(event.token), "left")
+        return self._remove(self.authenticate(event.token_digest), "left")
 
     def _end_by(self, event: End, now: float) -> list[Effect]:
-        if event.token is not None:
-            self.authenticate(event.token)
+        if event.token_digest is not None:
+            self.authenticate(event.token_digest)
         return self._end("ended")
 
     def _remove_by_admin(self, event: Remove, now: float) -> list[Effect]:
@@ -400,12 +403,12 @@ class Call:
         return self._remove(p, "removed")
 
     def _identify(self, event: Identify, now: float) -> list[Effect]:
-        self.authenticate(event.token)
+        self.authenticate(event.token_digest)
         return []
 
     def _connect(self, event: Connect, now: float) -> list[Effect]:
         p = self.participants.get(event.peer_id)
-        if p is None or not hmac.compare_digest(p.token, event.token.encode("utf-8", "replace")):
+        if p is None or not hmac.compare_digest(p.token_digest, event.token_digest):
             raise Unauthorized("unknown peer or wrong token")
         effects: list[Effect] = []
         if p.conn is not None:
@@ -533,12 +536,11 @@ class Call:
         p.held_bytes = 0
         return held
 
-    def authenticate(self, token: str) -> Participant:
-        """The participant holding ``token`` (compared in constant time), or ``Unauthorized``."""
-        given = token.encode("utf-8", "replace")
+    def authenticate(self, digest: bytes) -> Participant:
+        """The participant whose token has ``digest`` (compared in constant time), or ``Unauthorized``."""
         found = None
         for p in self.participants.values():
-            if hmac.compare_digest(p.token, given):
+            if hmac.compare_digest(p.token_digest, digest):
                 found = p
         if found is None:
             raise Unauthorized()

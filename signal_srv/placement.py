@@ -43,8 +43,8 @@ class CallRef(Protocol):
 
     async def describe(self, timeout: float, peers: bool = False) -> CallSummary: ...
 
-    def vouches_for(self, token: str, peer_id: str | None = None) -> bool:
-        """False only if ``token`` is surely no participant's (``peer_id``'s): refuse it without asking."""
+    def vouches_for(self, digest: bytes, peer_id: str | None = None) -> bool:
+        """False only if ``digest`` is surely no participant's token digest (``peer_id``'s): refuse it without asking."""
 
 
 class Placement(Protocol):

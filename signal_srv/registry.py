@@ -25,6 +25,7 @@ from signal_srv.actor import CallActor, CallSummary, Joined
 from signal_srv.call import Call, CallRules, Expire, HeldBudget, Notify, Status, StatusChanged
 from signal_srv.errors import CallEnded, CallMoved, CallNotFound, Capacity, ShuttingDown
 from signal_srv.metrics import Metrics
+from signal_srv.peer_tokens import token_digest
 from signal_srv.placement import CallRef, LocalPlacement, Placement
 from signal_srv.snapshot import call_from_dict
 
@@ -142,7 +143,7 @@ class Registry:
         else:
             peer_id, peer_token = new_ids(2)
         actor = self._actor_for(Call(call_id, time.monotonic(), self.rules, self.held))
-        joined = actor.start(peer_id, peer_token, identity, name)
+        joined = actor.start(peer_id, token_digest(peer_token), identity, name)
         self._run(actor)
         self._created += 1
         actor.log.info("call %s created", call_id)

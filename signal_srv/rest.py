@@ -35,6 +35,7 @@ from signal_srv.errors import (
 from signal_srv.headers import add_security_headers
 from signal_srv.limits import Limits, RateLimiter
 from signal_srv.metrics import Metrics
+from signal_srv.peer_tokens import token_digest
 from signal_srv.placement import CallRef
 from signal_srv.registry import Registry, new_ids
 
@@ -214,14 +215,14 @@ class ApiHandler(JsonHandler):
         claims.require(*grants, call_id=call_id)
         return claims
 
-    async def authorized(self, call_id: str, token: str) -> CallRef:
-        """The call, once ``token`` is one of its participants' peer tokens.
+    async def authorized(self, call_id: str, digest: bytes) -> CallRef:
+        """The call, once ``digest`` is one of its participants' peer token digests.
 
         A wrong token is refused here, never queued for the call: ``401``, or ``429`` once
         this client IP is over ``auth_failure_rate``. Raises ``CallNotFound`` too.
         """
         call = await self.registry.find(call_id)
-        if not call.vouches_for(token):
+        if not call.vouches_for(digest):
             wait = self.limits.auth_failures.take(self.request.remote_ip or "", time.monotonic())
             if wait:
                 self.metrics.rate_limited["auth"] += 1
@@ -312,7 +313,7 @@ class JoinHandler(ApiHandler):
         claims = await self.authorize("join", call_id=call_id)
         actor = await self.registry.find(call_id)
         peer_id, token = new_ids(2)
-        joined: Joined = await actor.ask(Join(peer_id, token, *_who(claims)), self.config.ask_timeout)
+        joined: Joined = await actor.ask(Join(peer_id, token_digest(token), *_who(claims)), self.config.ask_timeout)
         self.reply(200, self.credentials(joined, peer_id, token, claims))
 
 
@@ -321,9 +322,9 @@ class LeaveHandler(ApiHandler):
 
     async def post(self, call_id: str) -> None:
         self.json_body()
-        token = self.bearer_token()
-        call = await self.authorized(call_id, token)
-        summary: CallSummary = await call.ask(Leave(token), self.config.ask_timeout)
+        digest = token_digest(self.bearer_token())
+        call = await self.authorized(call_id, digest)
+        summary: CallSummary = await call.ask(Leave(digest), self.config.ask_timeout)
         self.reply(200, summary.to_dict())
 
 
@@ -340,7 +341,8 @@ class EndHandler(ApiHandler):
             await self.authorize("admin", call_id=call_id, token=token)
             call, end = await self.registry.find(call_id), End(None)
         else:
-            call, end = await self.authorized(call_id, token), End(token)
+            digest = token_digest(token)
+            call, end = await self.authorized(call_id, digest), End(digest)
         summary: CallSummary = await call.ask(end, self.config.ask_timeout)
         self.reply(200, summary.to_dict())
 
@@ -371,9 +373,9 @@ class ConfigHandler(ApiHandler):
         call_id = self.get_query_argument("call_id", None)
         peer_id = None
         if call_id is not None:
-            token = self.bearer_token()
-            call = await self.authorized(call_id, token)
-            peer_id = await call.ask(Identify(token), self.config.ask_timeout)
+            digest = token_digest(self.bearer_token())
+            call = await self.authorized(call_id, digest)
+            peer_id = await call.ask(Identify(digest), self.config.ask_timeout)
         self.reply(200, {"ice_servers": self.ice_servers(peer_id)})
 
 

@@ -10,6 +10,9 @@ clock, the only one two processes share.
 The socket ids (``conn``) of connected participants travel too, so that events logged
 about those sockets replay; the process that carries the call on disconnects them (its
 sockets are its own).
+
+A participant's peer token is kept as its digest (``Participant.token_digest``, base64),
+never as the token.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections import deque
 from typing import Any
 
 from signal_srv.call import Call, CallRules, HeldBudget, Participant, Status
+from signal_srv.peer_tokens import token_digest
 
 __all__ = ["call_from_dict", "call_to_dict", "rebase", "restore"]
 
@@ -86,6 +90,9 @@ def _participant_to_dict(p: Participant) -> dict[str, Any]:
 
 def _participant_from_dict(data: dict[str, Any]) -> Participant:
     values = dict(data)
+    if "token" in values:  # written by a version that kept the token itself
+        token = base64.b64decode(values.pop("token")).decode("utf-8", "surrogatepass")
+        values["token_digest"] = base64.b64encode(token_digest(token)).decode()
     defaults = Participant("", b"", "", None)
     for f in dataclasses.fields(Participant):
         default = getattr(defaults, f.name)

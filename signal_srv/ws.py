@@ -40,6 +40,7 @@ from signal_srv.hosts import host_allowed
 from signal_srv.limits import Budget, Limits
 from signal_srv.logs import redact
 from signal_srv.metrics import Metrics
+from signal_srv.peer_tokens import token_digest
 from signal_srv.placement import CallRef
 from signal_srv.protocol import GuardedProtocol
 from signal_srv.registry import Registry
@@ -182,8 +183,8 @@ class SignalingSocket(WebSocketHandler):
         checked = await self._checked_request()
         if checked is None:
             return
-        actor, call_id, peer_id, token, resume_from = checked
-        if not actor.vouches_for(token, peer_id):
+        actor, call_id, peer_id, digest, resume_from = checked
+        if not actor.vouches_for(digest, peer_id):
             self._refuse_unauthorized()
             return
         if not self._check_in(call_id, peer_id):
@@ -197,7 +198,7 @@ class SignalingSocket(WebSocketHandler):
             try:
                 # Set before the await, so a close that races the join still reaches the actor.
                 self._actor = actor
-                await actor.ask(Connect(peer_id, token, self.conn, resume_from), self.config.ask_timeout, socket=self)
+                await actor.ask(Connect(peer_id, digest, self.conn, resume_from), self.config.ask_timeout, socket=self)
             except CallMoved:
                 self._actor = None  # not attached
                 continue
@@ -215,8 +216,8 @@ class SignalingSocket(WebSocketHandler):
             return
         self._refuse(SERVICE_RESTART, "call moved")
 
-    async def _checked_request(self) -> tuple[CallRef, str, str, str, int | None] | None:
-        """The call, call_id, peer_id, token and resume point; or None, the socket closed."""
+    async def _checked_request(self) -> tuple[CallRef, str, str, bytes, int | None] | None:
+        """The call, call_id, peer_id, the token's digest and resume point; or None, the socket closed."""
         ip = self.request.remote_ip or ""
         if not self.limits.sockets_per_ip.acquire(ip):
             self.metrics.rate_limited["ws_ip"] += 1
@@ -233,12 +234,13 @@ class SignalingSocket(WebSocketHandler):
         if not (call_id and peer_id and token):
             self.close(BAD_QUERY, "call_id, peer_id and token are required")
             return None
+        digest = token_digest(token)  # the token itself goes no further
         resume_from = None if last_seq is None else -1 if last_seq == "-1" else messages.whole_number(last_seq)
         if last_seq is not None and resume_from is None:
             self.close(BAD_QUERY, "last_seq must be a whole number")
             return None
         call = await self._find(call_id)
-        return None if call is None else (call, call_id, peer_id, token, resume_from)
+        return None if call is None else (call, call_id, peer_id, digest, resume_from)
 
     async def _find(self, call_id: str) -> CallRef | None:
         """The call, here or on its node; or None, and the socket is closed (or was, meanwhile)."""

@@ -48,6 +48,8 @@ at a random phase of ``heartbeat_interval``, may arrive on any socket and are sk
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import re
 import time
@@ -379,12 +381,15 @@ class SignalingModel(RuleBasedStateMachine):
             self.state(c, "left", p)
 
     @precondition(lambda self: self.calls)
-    @rule(i=st.integers(0, 99), j=st.integers(0, 99))
-    def wrong_token(self, i: int, j: int) -> None:
-        """A token of another call (or none) is 401 on a live call, 404 on an ended one."""
+    @rule(i=st.integers(0, 99), j=st.integers(0, 99), digest=st.booleans())
+    def wrong_token(self, i: int, j: int, digest: bool) -> None:
+        """A token of another call (or none), or the digest the server keeps of a participant's own
+        token (``digest``: what Redis holds), is 401 on a live call, 404 on an ended one."""
         c = self.pick(self.calls, i)
         others = [p for p in self.all_peers() if p.call is not c]
         token = self.pick(others, j).token if others else None
+        if digest and c.seated:
+            token = base64.b64encode(hashlib.sha256(self.pick(c.seated, j).token.encode()).digest()).decode()
         status, body = self.post(f"/apiv2/calls/{c.call_id}/end", token)
         if token is None:
             assert (status, body["error"]["code"]) == (401, "unauthorized")  # before the call is looked up

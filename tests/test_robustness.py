@@ -20,6 +20,7 @@ from signal_srv.call import End, Receive
 from signal_srv.client import ApiError, SignalingClient
 from signal_srv.registry import Registry
 from signal_srv.logs import JsonFormatter
+from signal_srv.peer_tokens import token_digest
 from tests.conftest import TIMEOUT, server_environ
 from tests.test_ws import assert_relays, make_pair
 
@@ -116,7 +117,7 @@ async def test_ten_thousand_calls_leave_nothing_behind(registry: Registry) -> No
         if i % 2:
             expiring.append(created.actor.call_id)
         else:
-            await created.actor.ask(End(created.peer_token), TIMEOUT)
+            await created.actor.ask(End(token_digest(created.peer_token)), TIMEOUT)
     for call_id in expiring:
         await registry.wait_ended(call_id, TIMEOUT)
     stats = registry.statistics()
@@ -245,8 +246,8 @@ async def test_a_full_inbox_refuses_asks_with_call_busy_and_tells_with_false(
     actor = registry.get(call["call_id"])
     # No await until the ask, so the actor cannot drain its inbox in between. The first
     # envelope goes straight to the waiting actor, the next two fill the inbox.
-    accepted = [actor.tell(Identify(call["peer_token"])) for _ in range(4)]
+    accepted = [actor.tell(Identify(token_digest(call["peer_token"]))) for _ in range(4)]
     assert accepted == [True, True, True, False]
     with pytest.raises(CallBusy):
-        await actor.ask(Join("p", "t"), TIMEOUT)
+        await actor.ask(Join("p", token_digest("t")), TIMEOUT)
     assert (await client.join(call["call_id"]))["status"] == "active"  # drained: it answers again

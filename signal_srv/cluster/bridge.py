@@ -142,9 +142,9 @@ class RemoteCall:
         summary: CallSummary = await self.bridge.ask(self, Describe(peers), timeout, None)
         return summary
 
-    def vouches_for(self, token: str, peer_id: str | None = None) -> bool:
-        """Tokens are known to the owner only: none is refused here, unless the call moved here."""
-        return self.local.vouches_for(token, peer_id) if self.local is not None else True
+    def vouches_for(self, digest: bytes, peer_id: str | None = None) -> bool:
+        """Token digests are known to the owner only: none is refused here, unless the call moved here."""
+        return self.local.vouches_for(digest, peer_id) if self.local is not None else True
 
 
 class Bridge:

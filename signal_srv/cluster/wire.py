@@ -3,10 +3,12 @@
 Events cross nodes when a socket or request reaches a node that does not own the call,
 and every event a call accepts is written to its log in this form; answers are a
 summary, a join's result or a peer id, and a refusal names its ``SignalError`` class.
+Events carry a peer token's digest (base64), never the token.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from typing import Any
 
@@ -27,6 +29,7 @@ from signal_srv.call import (
     Shutdown,
 )
 from signal_srv.messages import Ping, Relay
+from signal_srv.peer_tokens import token_digest
 
 __all__ = ["Describe", "decode_error", "decode_event", "decode_result", "decode_summary", "encode_error",
            "encode_event", "encode_result", "encode_summary"]
@@ -49,6 +52,8 @@ _ERRORS: dict[str, type[errors.SignalError]] = {
 
 def encode_event(event: Event | Describe) -> dict[str, Any]:
     fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    if fields.get("token_digest") is not None:
+        fields["token_digest"] = base64.b64encode(fields["token_digest"]).decode()
     if isinstance(event, Receive):
         message = event.message
         fields["message"] = dataclasses.asdict(message) if isinstance(message, Relay) else {"cseq": message.cseq}
@@ -58,6 +63,11 @@ def encode_event(event: Event | Describe) -> dict[str, Any]:
 def decode_event(data: dict[str, Any]) -> Event | Describe:
     fields = dict(data)
     cls = _EVENTS[fields.pop("t")]
+    if "token" in fields:  # written by a version that kept the token itself
+        token = fields.pop("token")
+        fields["token_digest"] = None if token is None else token_digest(token)
+    elif fields.get("token_digest") is not None:
+        fields["token_digest"] = base64.b64decode(fields["token_digest"])
     if cls is Receive:
         message = fields["message"]
         fields["message"] = Relay(**message) if "type" in message else Ping(message.get("cseq"))

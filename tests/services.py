@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import TIMEOUT
 
-__all__ = ["Nginx", "RedisServer", "free_port", "needs", "redis_cluster"]
+__all__ = ["Nginx", "RedisMonitor", "RedisServer", "free_port", "needs", "redis_cluster"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,6 +124,26 @@ class RedisServer(_Process):
         done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True,
                               timeout=TIMEOUT)
         return done.stdout.strip()
+
+
+class RedisMonitor(_Process):
+    """``redis-cli monitor``: every command a Redis server runs, one line each, in ``lines``."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        super().__init__()
+        self.redis = redis
+
+    def start(self) -> RedisMonitor:
+        self._spawn(["redis-cli", "-p", str(self.redis.port), "monitor"], "OK")
+        return self
+
+    def seen_until(self, marker: str) -> str:
+        """Everything monitored up to a command that echoes ``marker``, sent now."""
+        self.redis.cli("ECHO", marker)
+        with self._new_line:
+            if not self._new_line.wait_for(lambda: any(marker in line for line in self.lines), TIMEOUT):
+                raise AssertionError(f"redis-cli monitor never showed {marker!r}")
+            return "".join(self.lines)
 
 
 def redis_cluster(folder: Path, masters: int = 3) -> list[RedisServer]:

@@ -64,6 +64,15 @@ async def test_a_dead_nodes_call_is_taken_over_with_no_client_and_its_timer_goes
         assert time.monotonic() - killed <= LEASE + 1.0
         heir_api = SignalingClient(heir.base_url, timeout=TIMEOUT)
         assert (await heir_api.get_call(host["call_id"]))["expires_reason"] == "unclaimed"
+        # The replayed call knows the host's token (by its digest), and nothing else.
+        config = f"/apiv2/config?call_id={host['call_id']}"
+        for wrong in ("wrong", host["peer_token"][:-1]):
+            status, _, _ = await heir_api.request("GET", config, headers={"Authorization": f"Bearer {wrong}"})
+            assert status == 401
+        refused = await heir_api.connect(host["call_id"], host["peer_id"], "wrong")
+        assert await refused.wait_closed() == (4401, "unauthorized")
+        status, _, _ = await heir_api.request("GET", config, headers={"Authorization": f"Bearer {host['peer_token']}"})
+        assert status == 200
         line = heir.wait_for_log(f"call {re.escape(host['call_id'])} ended \\(unclaimed\\) after", timeout=TIMEOUT)
         lasted = float(re.search(r"after ([\d.]+) s", line).group(1))  # type: ignore[union-attr]
         assert 3.9 <= lasted <= 4.6  # its own 4 s: no fresh TTL, no early end

@@ -44,7 +44,7 @@ class CallRef(Protocol):
     async def describe(self, timeout: float, peers: bool = False) -> CallSummary: ...
 
     def vouches_for(self, digest: bytes, peer_id: str | None = None) -> bool:
-        """False only if ``digest`` is surely no participant's token digest (``peer_id``'s): refuse it without asking."""
+        """False only if ``digest`` is surely no participant's token digest (``peer_id``'s): refuse it unasked."""
 
 
 class Placement(Protocol):

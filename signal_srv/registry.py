@@ -134,6 +134,7 @@ class Registry:
         Raises ``Capacity`` at ``max_calls``, ``ShuttingDown`` once ``close`` has begun.
         ``identity`` and ``name``: who the host is in the application (from its access token).
         ``call_id``: the id the placement claimed for it (default: a new one).
+        The host's new peer token is returned for its creator's answer; the call keeps its digest.
         """
         self.check_capacity()
         if call_id is None:

@@ -67,7 +67,8 @@ def sends(effects: list, conn: int) -> list[dict]:
 
 
 ALL_EVENTS = [
-    Join("new", d("tn")), Leave(d("t0")), End(d("t0")), End(None), Remove("p0"), Connect("p0", d("t0"), 1), Disconnect(1),
+    Join("new", d("tn")), Leave(d("t0")), End(d("t0")), End(None), Remove("p0"), Connect("p0", d("t0"), 1),
+    Disconnect(1),
     Receive(1, Ping()), Identify(d("t0")), Expire(), Shutdown(), Restart(),
 ]
 
@@ -393,7 +394,8 @@ EXPIRY = CallRules(ttl=100.0, unclaimed_ttl=30.0, departure_timeout=10.0, max_du
 @pytest.mark.parametrize(("call", "expected"), [
     pytest.param(_call_with(EXPIRY), Expiry(30.0, "unclaimed"), id="nobody joined"),
     pytest.param(_call_with(EXPIRY, (Join("p1", d("t1")), 2.0)), Expiry(12.0, "timeout"), id="joined, no sockets"),
-    pytest.param(_call_with(EXPIRY, (Connect("p0", d("t0"), 10), 1.0), (Join("p1", d("t1")), 2.0), (Disconnect(10), 4.0)),
+    pytest.param(_call_with(EXPIRY, (Connect("p0", d("t0"), 10), 1.0), (Join("p1", d("t1")), 2.0),
+                            (Disconnect(10), 4.0)),
                  Expiry(14.0, "timeout"), id="the last departure ends it, not the first"),
     pytest.param(_call_with(EXPIRY, (Connect("p0", d("t0"), 10), 1.0), (Join("p1", d("t1")), 2.0)),
                  Expiry(500.0, "max_duration"), id="live, a ghost departs"),

@@ -114,8 +114,8 @@ async def test_redis_its_aof_and_its_monitor_see_token_digests_never_tokens(
     tokens = [host["peer_token"], guest["peer_token"]]
     assert_holds_digests_only("Redis", everything_in(redis), tokens)
 
-    status, body, _ = await first.request(
-        "POST", f"/apiv2/calls/{call_id}/end", headers={"Authorization": f"Bearer {digest_form(guest['peer_token']).decode()}"})
+    stolen = {"Authorization": f"Bearer {digest_form(guest['peer_token']).decode()}"}
+    status, body, _ = await first.request("POST", f"/apiv2/calls/{call_id}/end", headers=stolen)
     assert (status, body["error"]["code"]) == (401, "unauthorized")  # what Redis holds opens nothing
     assert (await first.leave(call_id, guest["peer_token"]))["status"] == "waiting"
     assert (await first.end(call_id, host["peer_token"]))["status"] == "ended"

@@ -234,6 +234,12 @@ class ClusterPlacement:
     # Calls owned elsewhere -------------------------------------------------------------------
 
     async def locate(self, call_id: str) -> CallRef:
+        try:
+            return await self._locate(call_id)
+        except CallMoved:  # another node took the call over as this one tried to: it lives there now
+            return await self._locate(call_id)
+
+    async def _locate(self, call_id: str) -> CallRef:
         if call_id in self._taking:
             return await asyncio.shield(self._taking[call_id])
         moved_to = self._moved.get(call_id)

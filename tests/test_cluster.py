@@ -216,6 +216,21 @@ async def test_a_call_moves_to_the_node_where_its_first_socket_lands(
     assert await a.wait_closed() == (1000, "ended")
 
 
+async def test_a_socket_with_a_wrong_token_is_refused_and_moves_no_call(
+    apis: list[SignalingClient], nodes: list[LiveServer]
+) -> None:
+    marks = [node.mark() for node in nodes]
+    host = await apis[0].create_call()
+    refused = await apis[1].connect(host["call_id"], host["peer_id"], "wrong")
+    assert await refused.wait_closed() == (4401, "unauthorized")
+    a = await apis[2].connect_as(host)  # the right token: the call moves, to this socket's node
+    await a.wait_for("state", subject=host["peer_id"])
+    nodes[2].wait_for_log(f"call {re.escape(host['call_id'])} moved here", since=marks[2])
+    assert not any("moved here" in line for line in nodes[1].lines[marks[1]:])
+    await apis[1].end(host["call_id"], host["peer_token"])
+    assert await a.wait_closed() == (1000, "ended")
+
+
 async def test_metrics_and_health_name_the_node_and_count_cluster_work(apis: list[SignalingClient]) -> None:
     pair = await pair_across(apis[0], apis[0], apis[0], apis[1])  # the host's socket keeps the call on n0
     pair.b.send("message", "over the bridge")

@@ -304,7 +304,9 @@ class Bridge:
             return
         event = decode_event(message["ev"])
         socket: RemoteSocket | None = None
-        if actor is not None and message.get("move") and reply_to != self.node_id:  # (forwarded back here: stay)
+        if (actor is not None and message.get("move") and reply_to != self.node_id  # (forwarded back here: stay)
+                and isinstance(event, Connect) and actor.vouches_for(event.token_digest, event.peer_id)):
+            # (a connect with a wrong token is refused here, and moves nothing)
             if self.hand_over(actor, reply_to, lambda data, epoch: self._handed_over(data, epoch, reply_to, request)):
                 return
         try:

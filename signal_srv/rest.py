@@ -16,7 +16,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 from signal_srv import messages, turn
 from signal_srv.actor import CallSummary, Joined
 from signal_srv.auth import Claims, Verifier, looks_like_jwt
-from signal_srv.call import End, Identify, Join, Leave, Remove, Status
+from signal_srv.call import End, Event, Identify, Join, Leave, Remove, Status
 from signal_srv.config import Config
 from signal_srv.errors import (
     BadRequest,
@@ -36,7 +36,6 @@ from signal_srv.headers import add_security_headers
 from signal_srv.limits import Limits, RateLimiter
 from signal_srv.metrics import Metrics
 from signal_srv.peer_tokens import token_digest
-from signal_srv.placement import CallRef
 from signal_srv.registry import Registry, new_ids
 
 __all__ = [
@@ -215,20 +214,24 @@ class ApiHandler(JsonHandler):
         claims.require(*grants, call_id=call_id)
         return claims
 
-    async def authorized(self, call_id: str, digest: bytes) -> CallRef:
-        """The call, once ``digest`` is one of its participants' peer token digests.
+    async def as_participant(self, call_id: str, digest: bytes, event: Event) -> Any:
+        """Ask the call ``event`` for the participant whose peer token has ``digest``.
 
-        A wrong token is refused here, never queued for the call: ``401``, or ``429`` once
-        this client IP is over ``auth_failure_rate``. Raises ``CallNotFound`` too.
+        A wrong token never reaches the call's inbox: it is refused here (or, for a call owned
+        by another node, by that node before its inbox) with ``401``, or ``429`` once this
+        client IP is over ``auth_failure_rate``. Raises ``CallNotFound`` too.
         """
-        call = await self.registry.find(call_id)
-        if not call.vouches_for(digest):
+        try:
+            call = await self.registry.find(call_id)
+            if not call.vouches_for(digest):
+                raise Unauthorized()
+            return await call.ask(event, self.config.ask_timeout)
+        except Unauthorized:
             wait = self.limits.auth_failures.take(self.request.remote_ip or "", time.monotonic())
             if wait:
                 self.metrics.rate_limited["auth"] += 1
-                raise RateLimited(f"too many wrong tokens from your address; retry in {wait:.1f} s", wait)
-            raise Unauthorized()
-        return call
+                raise RateLimited(f"too many wrong tokens from your address; retry in {wait:.1f} s", wait) from None
+            raise
 
 
 def _admin(claims: Claims | None) -> bool:
@@ -323,8 +326,7 @@ class LeaveHandler(ApiHandler):
     async def post(self, call_id: str) -> None:
         self.json_body()
         digest = token_digest(self.bearer_token())
-        call = await self.authorized(call_id, digest)
-        summary: CallSummary = await call.ask(Leave(digest), self.config.ask_timeout)
+        summary: CallSummary = await self.as_participant(call_id, digest, Leave(digest))
         self.reply(200, summary.to_dict())
 
 
@@ -337,13 +339,13 @@ class EndHandler(ApiHandler):
     async def post(self, call_id: str) -> None:
         self.json_body()
         token = self.bearer_token()
+        summary: CallSummary
         if self.auth is not None and looks_like_jwt(token):
             await self.authorize("admin", call_id=call_id, token=token)
-            call, end = await self.registry.find(call_id), End(None)
+            summary = await (await self.registry.find(call_id)).ask(End(None), self.config.ask_timeout)
         else:
             digest = token_digest(token)
-            call, end = await self.authorized(call_id, digest), End(digest)
-        summary: CallSummary = await call.ask(end, self.config.ask_timeout)
+            summary = await self.as_participant(call_id, digest, End(digest))
         self.reply(200, summary.to_dict())
 
 
@@ -374,8 +376,7 @@ class ConfigHandler(ApiHandler):
         peer_id = None
         if call_id is not None:
             digest = token_digest(self.bearer_token())
-            call = await self.authorized(call_id, digest)
-            peer_id = await call.ask(Identify(digest), self.config.ask_timeout)
+            peer_id = await self.as_participant(call_id, digest, Identify(digest))
         self.reply(200, {"ice_servers": self.ice_servers(peer_id)})
 
 

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from signal_srv.actor import CallActor, CallSummary, Socket, new_conn
-from signal_srv.call import Connect, Disconnect, Event, Restart
+from signal_srv.call import Connect, Disconnect, End, Event, Identify, Leave, Restart
 from signal_srv.cluster.directory import inbox_key
 from signal_srv.cluster.link import RedisLink
 from signal_srv.cluster.outbox import Outbox
@@ -37,7 +37,7 @@ from signal_srv.cluster.wire import (
     encode_event,
     encode_result,
 )
-from signal_srv.errors import CallBusy, CallEnded, CallMoved, CallNotFound, SignalError, Unavailable
+from signal_srv.errors import CallBusy, CallEnded, CallMoved, CallNotFound, SignalError, Unauthorized, Unavailable
 
 if TYPE_CHECKING:
     from signal_srv.registry import Registry
@@ -95,6 +95,15 @@ class _Pending:
     call: RemoteCall
     event: Event | Describe
     socket: Socket | None
+
+
+def _wrong_token(actor: CallActor, event: Event | Describe) -> bool:
+    """A participant's request or connect whose token digest is none of the call's participants'
+    (the connect's own peer's): the owner refuses it before the call's inbox, as a local edge does."""
+    if isinstance(event, Connect):
+        return not actor.vouches_for(event.token_digest, event.peer_id)
+    digest = event.token_digest if isinstance(event, (Leave, Identify, End)) else None  # None: an administrator's end
+    return digest is not None and not actor.vouches_for(digest)
 
 
 def _never(actor: CallActor, node: str, done: Callable[[dict[str, Any], int], None]) -> bool:
@@ -304,15 +313,17 @@ class Bridge:
             return
         event = decode_event(message["ev"])
         socket: RemoteSocket | None = None
-        if (actor is not None and message.get("move") and reply_to != self.node_id  # (forwarded back here: stay)
-                and isinstance(event, Connect) and actor.vouches_for(event.token_digest, event.peer_id)):
-            # (a connect with a wrong token is refused here, and moves nothing)
+        wrong_token = actor is not None and _wrong_token(actor, event)  # refused below, and moves nothing
+        # A connect moves an idle call to the socket's node (unless it was forwarded back here: it stays).
+        if actor is not None and not wrong_token and message.get("move") and reply_to != self.node_id:
             if self.hand_over(actor, reply_to, lambda data, epoch: self._handed_over(data, epoch, reply_to, request)):
                 return
         try:
             if actor is None:
                 # Not held here (any more): gone for good if it ended here, else the asker looks again.
                 raise CallNotFound() if self.ended_here(message["call"]) else CallMoved()
+            if wrong_token:
+                raise Unauthorized()  # refused before the call's inbox, as on the node that got it
             if isinstance(event, Describe):
                 described = asyncio.ensure_future(actor.describe(DESCRIBE_TIMEOUT, event.peers))
                 described.add_done_callback(lambda done: self._answered(done, reply_to, request, None))

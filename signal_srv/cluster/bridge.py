@@ -351,8 +351,10 @@ class Bridge:
         self._reply(reply_to, request, error=encode_error(error))
 
     def _handed_over(self, data: dict[str, Any], epoch: int, reply_to: str, request: int) -> None:
-        """Runs right after the epoch moved: the answer jumps ahead of messages forwarded meanwhile."""
-        answer = {"moved": data, "epoch": epoch} if epoch else {"error": encode_error(CallNotFound())}
+        """Runs right after the epoch moved: the answer jumps ahead of messages forwarded meanwhile.
+
+        If the move was refused (another node owns the call now), the asker looks the call up again."""
+        answer = {"moved": data, "epoch": epoch} if epoch else {"error": encode_error(CallMoved())}
         self.outbox.append(inbox_key(reply_to), {"k": "reply", "id": request, **answer}, first=True)
 
     def _forward(self, message: dict[str, Any]) -> bool:

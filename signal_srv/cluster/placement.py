@@ -217,8 +217,13 @@ class ClusterPlacement:
         self.journal.forget(actor.call_id)
         _remember(self._moved, actor.call_id, node)
 
-        self._write(self.directory.fenced(actor.call_id, epoch, "move", node),
-                    lambda result: done(data, result if isinstance(result, int) else 0))
+        def moved(result: Any) -> None:
+            new_epoch = result if isinstance(result, int) else 0
+            if not new_epoch and self._moved.get(actor.call_id) == node:
+                del self._moved[actor.call_id]  # refused: another node owns the call; it is looked up afresh
+            done(data, new_epoch)
+
+        self._write(self.directory.fenced(actor.call_id, epoch, "move", node), moved)
         return True
 
     def _adopt(self, data: dict[str, Any], epoch: int) -> CallActor:
@@ -258,6 +263,9 @@ class ClusterPlacement:
             arrived = self.registry.local(call_id) or await self.bridge.arriving(call_id)
             if arrived is not None and arrived.alive:
                 return arrived
+            moved_to = self._moved.get(call_id)
+            if moved_to is not None:  # handed over from here, its epoch move still on its way to Redis
+                return RemoteCall(self.bridge, call_id, moved_to)
         elif owner[0] in live:
             return RemoteCall(self.bridge, call_id, owner[0])
         return await self._take_over(call_id, owner)

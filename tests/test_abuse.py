@@ -274,31 +274,40 @@ async def test_a_payload_is_relayed_as_the_sender_wrote_it(client: SignalingClie
 # Item 7: wrong tokens never crowd out authorized work ------------------------------------
 
 
+async def wrong_leave_flood(port: int, call_id: str, connections: int = 40, each: int = 10) -> list[IOStream]:
+    """``connections`` connections from ``OTHER_IP``, each with ``each`` pipelined leaves of ``call_id``
+    under a wrong token, written before anything is read (see ``statuses``)."""
+    request = (f"POST /apiv2/calls/{call_id}/leave HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {'w' * 22}\r\n"
+               "Content-Length: 0\r\n\r\n").encode()
+    streams = [await tcp(port, OTHER_IP) for _ in range(connections)]
+    for stream in streams:
+        await stream.write(request * each)
+    return streams
+
+
+async def statuses(stream: IOStream, count: int = 10) -> list[int]:
+    """The status codes of the next ``count`` answers on ``stream``."""
+    codes = []
+    for _ in range(count):
+        head = await asyncio.wait_for(stream.read_until(b"\r\n\r\n"), TIMEOUT)
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        await stream.read_bytes(length)
+        codes.append(int(head.split()[1]))
+    return codes
+
+
 @pytest.mark.settings(mailbox_size=2, auth_failure_rate=1.0, auth_failure_burst=10)
 async def test_pipelined_wrong_tokens_never_fail_the_participants_own_requests(client: SignalingClient, port: int) -> None:
     host = await client.create_call()
     call_id = host["call_id"]
-    request = (f"POST /apiv2/calls/{call_id}/leave HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {'w' * 22}\r\n"
-               "Content-Length: 0\r\n\r\n").encode()
-    attackers = [await tcp(port, OTHER_IP) for _ in range(40)]
-    for stream in attackers:
-        await stream.write(request * 10)
-
-    async def answers(stream: IOStream) -> list[int]:
-        codes = []
-        for _ in range(10):
-            head = await asyncio.wait_for(stream.read_until(b"\r\n\r\n"), TIMEOUT)
-            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-            await stream.read_bytes(length)
-            codes.append(int(head.split()[1]))
-        return codes
+    attackers = await wrong_leave_flood(port, call_id)
 
     async def own_requests() -> list[int]:
         bearer = {"Authorization": f"Bearer {host['peer_token']}"}
         return [(await client.request("GET", f"/apiv2/config?call_id={call_id}", headers=bearer))[0]
                 for _ in range(20)]
 
-    own, *attacked = await asyncio.gather(own_requests(), *(answers(s) for s in attackers))
+    own, *attacked = await asyncio.gather(own_requests(), *(statuses(s) for s in attackers))
     assert own == [200] * 20
     codes = [code for stream_codes in attacked for code in stream_codes]
     assert set(codes) == {401, 429} and codes.count(401) == 10

@@ -8,17 +8,15 @@ connections from another loopback address.
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Iterator
 
 import pytest
-from tornado.iostream import IOStream
 
 from signal_srv.client import SignalingClient
 from tests.conftest import TIMEOUT
 from tests.live_server import LiveServer
 from tests.services import RedisServer, needs
-from tests.test_abuse import OTHER_IP, metric, tcp
+from tests.test_abuse import metric, statuses, wrong_leave_flood
 from tests.test_cluster import start_node, stop_cleanly
 
 pytestmark = needs("redis-server", "redis-cli")
@@ -38,27 +36,14 @@ async def test_bridged_wrong_tokens_never_fail_the_participants_own_requests(nod
     owner, edge = (SignalingClient(node.base_url, timeout=TIMEOUT) for node in nodes)
     host = await owner.create_call()
     call_id = host["call_id"]
-    request = (f"POST /apiv2/calls/{call_id}/leave HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {'w' * 22}\r\n"
-               "Content-Length: 0\r\n\r\n").encode()
-    attackers = [await tcp(nodes[1].port, OTHER_IP) for _ in range(40)]
-    for stream in attackers:
-        await stream.write(request * 10)
-
-    async def answers(stream: IOStream) -> list[int]:
-        codes = []
-        for _ in range(10):
-            head = await asyncio.wait_for(stream.read_until(b"\r\n\r\n"), TIMEOUT)
-            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-            await stream.read_bytes(length)
-            codes.append(int(head.split()[1]))
-        return codes
+    attackers = await wrong_leave_flood(nodes[1].port, call_id)  # through the node that does not own the call
 
     async def own_requests() -> list[int]:
         bearer = {"Authorization": f"Bearer {host['peer_token']}"}
         return [(await edge.request("GET", f"/apiv2/config?call_id={call_id}", headers=bearer))[0]
                 for _ in range(20)]
 
-    own, *attacked = await asyncio.gather(own_requests(), *(answers(s) for s in attackers))
+    own, *attacked = await asyncio.gather(own_requests(), *(statuses(s) for s in attackers))
     assert own == [200] * 20  # none of them found the call's inbox full of wrong tokens
     codes = [code for stream_codes in attacked for code in stream_codes]
     assert set(codes) == {401, 429} and codes.count(401) == 10  # the edge counts the owner's refusals
